@@ -25,9 +25,7 @@ def test_sum_mean_var_hand_values():
     )
     torch.testing.assert_close(masked_sum(X, M, dim=-1), torch.tensor([6.0, 30.0], dtype=X.dtype))
     torch.testing.assert_close(masked_mean(X, M, dim=-1), torch.tensor([2.0, 15.0], dtype=X.dtype))
-    torch.testing.assert_close(
-        masked_var(X, M, dim=-1), torch.tensor([1.0, 50.0], dtype=X.dtype)
-    )
+    torch.testing.assert_close(masked_var(X, M, dim=-1), torch.tensor([1.0, 50.0], dtype=X.dtype))
 
 
 def test_padding_values_never_leak():
@@ -100,9 +98,7 @@ def test_denominator_makes_microbatches_add_up():
     )
     assert parts.item() == pytest.approx(full.item(), abs=1e-12)
     full_seq = aggregate(x, m, "seq_sum")
-    parts_seq = sum(
-        aggregate(x[i : i + 4], m[i : i + 4], "seq_sum", denominator=8) for i in (0, 4)
-    )
+    parts_seq = sum(aggregate(x[i : i + 4], m[i : i + 4], "seq_sum", denominator=8) for i in (0, 4))
     assert parts_seq.item() == pytest.approx(full_seq.item(), abs=1e-12)
 
 

@@ -259,9 +259,7 @@ class PIDKL(KLController):
 
 def _check_bounds(beta_min: float, beta_max: float, beta: float) -> tuple[float, float]:
     lo = _check_positive("beta_min", beta_min, allow_zero=True)
-    if isinstance(beta_max, bool) or not isinstance(beta_max, (int, float)) or math.isnan(
-        beta_max
-    ):
+    if isinstance(beta_max, bool) or not isinstance(beta_max, (int, float)) or math.isnan(beta_max):
         raise ValueError(f"beta_max must be a number, got {beta_max!r}")
     hi = float(beta_max)
     if hi <= lo:
@@ -293,6 +291,7 @@ def make_controller(kind: str, **params: Any) -> KLController:
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for KL controller {kind!r}; "
-                         f"accepted: {accepted}")
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for KL controller {kind!r}; accepted: {accepted}"
+        )
     return cls(**params)

@@ -53,8 +53,8 @@ Direction = Literal["reverse", "forward"]
 # error < 3e-7 relative), which keeps k3 accurate and ≥ 0 where (r − 1) − log r cancels.
 _K3_SERIES_BELOW = 0.1
 
-# Default memory budget of the exact KL: elements of one fp32 (chunk, V) temporary (64 MiB).
-_EXACT_CHUNK_ELEMENTS = 1 << 24
+# Default memory budget of the exact KL: elements of one fp32 (chunk, V) temporary (32 MiB).
+_EXACT_CHUNK_ELEMENTS = 1 << 23
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -206,9 +206,14 @@ def loss_term(
 
 
 def _kl_rows(lp: Tensor, lq: Tensor) -> Tensor:
-    """Σ_v p_v (log p_v − log q_v) per row of (N, V) log-probs; 0·log 0 taken as 0."""
+    """Σ_v p_v (log p_v − log q_v) per row of (N, V) log-probs; 0·log 0 taken as 0.
+
+    Consumes ``lp`` (overwritten in place): the chunked forward has no autograd graph, and reusing
+    the buffer keeps the temporaries to three (C, V) tensors.
+    """
     p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), 0.0).sum(dim=-1)
+    terms = lp.sub_(lq).mul_(p).masked_fill_(p == 0, 0.0)
+    return terms.sum(dim=-1)
 
 
 class _ChunkedExactKL(torch.autograd.Function):
@@ -251,31 +256,31 @@ class _ChunkedExactKL(torch.autograd.Function):
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_z = torch.empty_like(logits) if need_z else None
         g_w = torch.empty_like(ref_logits) if need_w else None
+        # With z the first argument of the KL (reverse), ∂/∂z is the "first" formula below.
+        g_first, g_second = (g_z, g_w) if ctx.reverse else (g_w, g_z)
+        src_first, src_second = (logits, ref_logits) if ctx.reverse else (ref_logits, logits)
         acc = out.dtype
         g_all = grad_out.to(acc)
         if rows is not None:
             g_all = torch.where(rows, g_all, 0.0)
         for s in range(0, logits.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            lp = F.log_softmax(logits[s:e].to(acc), dim=-1)  # (C, V)
-            lq = F.log_softmax(ref_logits[s:e].to(acc), dim=-1)  # (C, V)
             g = g_all[s:e, None]  # (C, 1)
-            kl = out[s:e, None]  # (C, 1)
-            if ctx.reverse:  # KL(P‖Q): z is the first argument
-                first, second = lp, lq
-            else:  # KL(Q‖P): w is the first argument
-                first, second = lq, lp
-            pf = first.exp()
-            d_first = torch.where(pf > 0, pf * (first - second - kl), 0.0) * g
-            d_second = (second.exp() - pf) * g
-            d_z, d_w = (d_first, d_second) if ctx.reverse else (d_second, d_first)
-            if rows is not None:
-                keep = rows[s:e, None]
-                d_z, d_w = torch.where(keep, d_z, 0.0), torch.where(keep, d_w, 0.0)
-            if g_z is not None:
-                g_z[s:e] = d_z
-            if g_w is not None:
-                g_w[s:e] = d_w
+            drop = None if rows is None else ~rows[s:e, None]  # (C, 1)
+            lf = F.log_softmax(src_first[s:e].to(acc), dim=-1)  # (C, V) log P
+            ls = F.log_softmax(src_second[s:e].to(acc), dim=-1)  # (C, V) log Q
+            pf = lf.exp()  # (C, V)
+            if g_second is not None:  # Q − P, times the upstream gradient
+                d = ls.exp().sub_(pf).mul_(g)
+                if drop is not None:
+                    d.masked_fill_(drop, 0.0)
+                g_second[s:e] = d
+                del d
+            if g_first is not None:  # P (log P − log Q − KL), times the upstream gradient
+                d = lf.sub_(ls).sub_(out[s:e, None]).mul_(pf).masked_fill_(pf == 0, 0.0).mul_(g)
+                if drop is not None:
+                    d.masked_fill_(drop, 0.0)
+                g_first[s:e] = d
         return g_z, g_w, None, None, None
 
 
@@ -302,7 +307,7 @@ def exact_from_logits(
         mask: optional BoolTensor of shape ``logits.shape[:-1]``; positions that are False get
             KL 0 and zero gradient (whatever their logits hold, NaN included).
         direction: ``"reverse"`` or ``"forward"``.
-        chunk_size: positions per chunk; default keeps one fp32 (chunk, V) temporary ≤ 64 MiB.
+        chunk_size: positions per chunk; default keeps one fp32 (chunk, V) temporary ≤ 32 MiB.
 
     Returns:
         Per-position KL of shape ``logits.shape[:-1]``, e.g. (B, T), float32 (float64 for

@@ -106,9 +106,7 @@ def _unsqueeze_all(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t
 
 
-def masked_whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Normalise ``x`` to zero mean and unit variance over all masked positions.
 
     ``(x − mean) / sqrt(var + eps)`` with mean and (unbiased) variance taken over the positions
