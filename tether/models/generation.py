@@ -1,0 +1,175 @@
+"""Sampling rollouts with the KV cache, with masks and behaviour log-probs.
+
+Layout of a :class:`Rollout` for B prompts left-padded to P tokens and R generated positions::
+
+    input_ids       (B, P+R)  [pad.. prompt | response .. EOS pad..]
+    attention_mask  (B, P+R)  True on real prompt tokens and on the response up to its first EOS
+    response_ids    (B, R)    the generated tokens (pad after EOS)
+    response_mask   (B, R)    True on generated tokens up to and including the first EOS
+    logprobs        (B, R)    log π_θ,T(response token) from the *training* forward
+
+Behaviour log-probs and the sampling distribution. The trainer's policy is π_θ at the sampling
+temperature T, π_θ,T ∝ exp(logits/T), which is what :func:`forward_logprobs` computes with the
+same ``temperature``; ``logprobs`` are recomputed with that training forward after sampling, so the
+PPO ratio is exactly 1 before the first update (KV-cache decoding and a full forward differ by
+float rounding only). Top-k / top-p truncation is *not* part of π_θ,T: with them the tokens come
+from a renormalised, truncated distribution whose log-probs, ``sampler_logprobs`` (from the
+processed generation scores), are ≥ ``logprobs``. The gap is the off-policy error that every
+RLHF framework accepts when it samples with top-p; ``sampler_logprobs`` lets you measure it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.data.collate import pad_sequences
+from tether.models.logprobs import forward_logprobs, position_ids_from_mask, unwrap_model
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are sampled."""
+
+    max_new_tokens: int = 64
+    """Response length cap R (tokens); responses without EOS by then are cut."""
+    temperature: float = 1.0
+    """Softmax temperature T; the trained policy is π_θ at this temperature."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Rollout:
+    """Sampled responses with masks and log-probs; see the module docstring for the layout."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_length: int
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    sampler_logprobs: Tensor
+    finished: Tensor
+    """(B,) bool: the response ended with EOS (False: cut at max_new_tokens)."""
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(-1)
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """(B, R) generated ids → (B, R) mask, True up to and including the first EOS, and (B,)
+    finished flags."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= response_ids == e
+    # number of EOS strictly before each position: 0 → still inside the response
+    before = is_eos.long().cumsum(-1) - is_eos.long()
+    return before == 0, is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    generator_seed: int | None = None,
+) -> Rollout:
+    """Sample one response per prompt with the KV cache and recompute behaviour log-probs.
+
+    Args:
+        model: HF causal LM (PEFT/DDP wrappers are unwrapped for sampling).
+        tokenizer: its tokenizer (pad and EOS ids).
+        prompt_ids: B prompts as token-id lists (no padding).
+        sampling: :class:`SamplingConfig`.
+        generator_seed: if given, seeds torch's RNG for this call (reproducible rollouts).
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    gen_model = model
+    if hasattr(gen_model, "module"):
+        gen_model = gen_model.module
+    device = next(unwrap_model(model).parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids, mask = pad_sequences(prompt_ids, pad_id, side="left")
+    ids, mask = ids.to(device), mask.to(device)
+    p = ids.shape[1]
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+        return_dict_in_generate=True,
+        output_scores=True,
+        use_cache=True,
+    )
+    if sampling.do_sample:
+        kwargs.update(
+            temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p
+        )
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        out = gen_model.generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
+    finally:
+        gen_model.train(was_training)
+    seq = out.sequences  # (B, P+R')
+    response = seq[:, p:]  # (B, R')
+    response_mask, finished = response_mask_from_ids(response, eos_ids)
+    response = torch.where(response_mask, response, pad_id)
+    input_ids = torch.cat([ids, response], dim=1)  # (B, P+R)
+    attention_mask = torch.cat([mask, response_mask], dim=1)  # (B, P+R)
+
+    scores = torch.stack(out.scores, dim=1).float()  # (B, R, V) processed logits
+    sampler_lp = torch.log_softmax(scores, dim=-1).gather(-1, response[..., None]).squeeze(-1)
+    sampler_lp = torch.where(response_mask, sampler_lp, 0.0)  # (B, R)
+
+    was_training = model.training
+    model.eval()  # behaviour log-probs without dropout, as the policy that sampled
+    try:
+        full = forward_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            mask=torch.cat([torch.zeros_like(mask[:, 1:]), response_mask], dim=1),
+            temperature=sampling.temperature if sampling.do_sample else 1.0,
+            position_ids=position_ids_from_mask(attention_mask),
+        )
+    finally:
+        model.train(was_training)
+    logprobs = full.logprobs[:, p - 1 :]  # (B, R): position P−1 predicts the first response token
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_length=p,
+        response_ids=response,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        sampler_logprobs=sampler_lp,
+        finished=finished,
+    )
