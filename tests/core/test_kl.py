@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.helpers.alloc import AllocationRecorder
 from tether.core import kl
 
 # --------------------------------------------------------------------------------------------
@@ -389,36 +389,16 @@ def test_exact_bad_inputs():
         kl.exact_from_logits(z, z, chunk_size=0)
 
 
-class _LargestAllocations(TorchDispatchMode):
-    """Records the element count of every fresh tensor an op returns (views excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(a, torch.Tensor)
-        }
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(t.numel())
-        return out
-
-
 def test_exact_memory_is_bounded_by_the_chunk():
     """Forward + backward never allocate an (N, V) temporary, only the (N, V) gradient itself."""
     n, vocab, chunk = 64, 512, 8
     z = torch.randn(n, vocab, requires_grad=True)
     w = torch.randn(n, vocab)
-    with _LargestAllocations() as rec:
+    with AllocationRecorder() as rec:
         kl.exact_from_logits(z, w, chunk_size=chunk).sum().backward()
     big = [s for s in rec.sizes if s > chunk * vocab]
     assert big == [n * vocab], big  # exactly one: the gradient buffer
-    with _LargestAllocations() as naive:
+    with AllocationRecorder() as naive:
         _reference_kl(z, w, "reverse").sum().backward()
     assert sum(s >= n * vocab for s in naive.sizes) >= 4  # the naive path holds several
 

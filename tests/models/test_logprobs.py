@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.helpers.alloc import AllocationRecorder
 from tether.core.kl import exact_from_logits
 from tether.models import (
     ValueHead,
@@ -108,3 +109,19 @@ def test_bad_shapes():
         forward_logprobs(pol.model, ids, mask, temperature=0.0)
     with pytest.raises(ValueError, match="attention_mask"):
         forward_logprobs(pol.model, ids, mask[:, :-1])
+
+
+def test_head_memory_is_bounded_by_the_chunk():
+    """No (B, T−1, V) logits tensor is ever allocated, in forward or backward."""
+    pol = tiny_causal_lm(seed=9)
+    ids, mask = _batch(seed=10, b=4, t=33, left_pad=(0, 0, 0, 0))
+    vocab, chunk = pol.model.config.vocab_size, 16
+    with AllocationRecorder() as rec:
+        out = forward_logprobs(pol.model, ids, mask, chunk_size=chunk)
+        out.logprobs.sum().backward()
+    full = 4 * 32 * vocab
+    assert max(rec.sizes) < full / 1.5, (max(rec.sizes), full)
+    assert chunk * vocab in rec.sizes  # the head ran on (chunk, V) pieces
+    with AllocationRecorder() as plain:
+        _plain(pol.model, ids, mask)[0].sum().backward()
+    assert max(plain.sizes) >= full
