@@ -1,5 +1,8 @@
 """Padding and collation. Masks are explicit BoolTensors (True = real token); pad ids never
-double as masks."""
+double as masks.
+
+Shapes: ``B`` batch (examples), ``T`` tokens; prompts alone are ``P`` tokens long.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from tether.data.examples import PreferenceExample, PromptExample
 
 
 def pad_sequences(
@@ -44,3 +49,64 @@ def pad_sequences(
         ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, sl] = True
     return ids, mask
+
+
+def collate_prompts(examples: Sequence[PromptExample], pad_id: int) -> dict[str, Tensor]:
+    """Batch prompts for generation, LEFT-padded so every prompt ends at the last column.
+
+    Args:
+        examples: B prompts (e.g. a ``PromptDataset`` batch from a ``DataLoader``).
+        pad_id: id written into padding.
+
+    Returns:
+        ``input_ids`` LongTensor (B, P); ``attention_mask`` BoolTensor (B, P), True on prompt
+        tokens; ``index`` LongTensor (B,), each example's row in its source.
+    """
+    _check_batch(examples)
+    input_ids, attention_mask = pad_sequences(
+        [ex.prompt_ids for ex in examples], pad_id, side="left"
+    )  # (B, P)
+    index = torch.tensor([ex.index for ex in examples], dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
+
+
+def collate_preferences(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, Tensor]:
+    """Batch preference pairs as one concatenated batch of 2B sequences, RIGHT-padded.
+
+    Rows ``0..B-1`` are prompt + chosen, rows ``B..2B-1`` prompt + rejected, in the same example
+    order, so one forward pass scores both and ``logps[:B]`` / ``logps[B:]`` split them.
+
+    Args:
+        examples: B preference pairs.
+        pad_id: id written into padding.
+
+    Returns:
+        ``input_ids`` LongTensor (2B, T); ``attention_mask`` BoolTensor (2B, T), True on prompt and
+        response tokens; ``response_mask`` BoolTensor (2B, T), True exactly on response tokens,
+        aligned with ``input_ids`` (shift it by one, ``response_mask[:, 1:]``, to align with the
+        log-probs of next tokens ``logits[:, :-1]``); ``prompt_lengths`` LongTensor (2B,);
+        ``index`` LongTensor (B,), each pair's row in its source.
+    """
+    _check_batch(examples)
+    prompts = [ex.prompt_ids for ex in examples] * 2
+    responses = [ex.chosen_ids for ex in examples] + [ex.rejected_ids for ex in examples]
+    input_ids, attention_mask = pad_sequences(
+        [[*p, *r] for p, r in zip(prompts, responses, strict=True)], pad_id, side="right"
+    )  # (2B, T)
+    response_mask = torch.zeros_like(attention_mask)  # (2B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        response_mask[i, len(p) : len(p) + len(r)] = True
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (2B,)
+    index = torch.tensor([ex.index for ex in examples], dtype=torch.long)  # (B,)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "prompt_lengths": prompt_lengths,
+        "index": index,
+    }
+
+
+def _check_batch(examples: Sequence[object]) -> None:
+    if len(examples) == 0:
+        raise ValueError("cannot collate an empty batch")
