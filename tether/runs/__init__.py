@@ -1,0 +1,61 @@
+"""The run skeleton every trainer uses: configs, run directories, metrics, checkpoints, plots.
+
+* :mod:`tether.runs.config` — config dataclasses (:class:`RunConfig`, :func:`option`), YAML +
+  ``key=value`` overrides (:func:`load_config`, :func:`save_config`).
+* :mod:`tether.runs.rundir` — :class:`RunDir`: config.yaml, metrics.jsonl + TensorBoard, resume.
+* :mod:`tether.runs.checkpoint` — atomic, exactly-resumable checkpoints.
+* :mod:`tether.runs.progress` — a terminal progress bar that stays quiet off a TTY.
+* :mod:`tether.runs.plot` — :func:`plot_run`, a PNG of a run's metrics.
+* :mod:`tether.runs.registry` — the algorithms ``tether train`` dispatches to.
+"""
+
+from tether.runs.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state_dict,
+)
+from tether.runs.config import (
+    ConfigError,
+    RunConfig,
+    check_config_class,
+    config_to_dict,
+    describe_config,
+    dump_config,
+    load_config,
+    option,
+    save_config,
+)
+from tether.runs.plot import metric_group, plot_run
+from tether.runs.progress import Progress
+from tether.runs.registry import TRAINERS, UnknownTrainerError, get_trainer, register_trainer
+from tether.runs.rundir import RunDir, read_metrics
+
+__all__ = [
+    "TRAINERS",
+    "ConfigError",
+    "Progress",
+    "RunConfig",
+    "RunDir",
+    "UnknownTrainerError",
+    "check_config_class",
+    "checkpoint_name",
+    "config_to_dict",
+    "describe_config",
+    "dump_config",
+    "get_trainer",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_config",
+    "metric_group",
+    "option",
+    "plot_run",
+    "read_metrics",
+    "register_trainer",
+    "save_checkpoint",
+    "save_config",
+    "trainable_state_dict",
+]

@@ -1,0 +1,522 @@
+"""Atomic, exactly-resumable checkpoints: ``<run>/checkpoints/step-000123/``.
+
+A checkpoint holds everything a resumed run needs to continue bit for bit:
+
+* ``<name>.safetensors`` per model: its ``state_dict()`` (or the state dict the caller passed,
+  e.g. only a PEFT adapter's trainable entries), shared/tied tensors stored once;
+* ``optimizer.pt`` / ``scheduler.pt``: their ``state_dict()`` via ``torch.save``;
+* ``rng-<process>.pt``: the python ``random``, numpy (global), torch CPU and CUDA RNG states of
+  every process;
+* ``states.json`` (+ ``states.pt`` for tensors inside): small named states such as a KL
+  controller's, the reference policy's or the data cursor's ``state_dict()``;
+* ``checkpoint.json``: the manifest (step, what is present).
+
+Writing is atomic: all files go into ``checkpoints/.tmp-step-000123/``, are fsynced, and the
+directory is renamed into place with ``os.replace``; only then is ``checkpoints/latest`` (a text
+file naming the newest checkpoint) replaced and old checkpoints beyond ``keep_last`` removed. A
+crash at any point leaves the previous checkpoints intact and no partial ``step-*`` directory.
+
+Under ``accelerate`` every process must call :func:`save_checkpoint` and :func:`load_checkpoint`
+(model state dicts are gathered with ``accelerator.get_state_dict``, which FSDP needs on every
+process); only the main process writes, except each process's RNG file. ``run_dir`` must be on a
+filesystem every process sees. Optimizer state is saved from the main process as is, which is
+right for DDP and single-process training, not for sharded (FSDP/ZeRO) optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import tether
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+CHECKPOINTS_DIR = "checkpoints"
+"""Sub-directory of a run directory that holds its checkpoints."""
+LATEST_FILE = "latest"
+"""Text file in ``checkpoints/`` naming the newest complete checkpoint (for people and tools)."""
+MANIFEST_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ALIASES_KEY = "tether_aliases"
+_TENSOR_REF = "__tensor__"
+_STATES_JSON = "states.json"
+_STATES_TENSORS = "states.pt"
+_OPTIMIZER_FILE = "optimizer.pt"
+_SCHEDULER_FILE = "scheduler.pt"
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint at ``step``: ``step-000123``."""
+    return f"step-{step:06d}"
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``state_dict()`` entries of ``module``'s trainable parameters (``requires_grad``).
+
+    Pass it instead of the module to :func:`save_checkpoint` to store only what training changes,
+    e.g. a PEFT adapter without its frozen base model; loading then restores those entries and
+    leaves the rest of the module as constructed.
+    """
+    trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in trainable}
+
+
+# ------------------------------------------------------------------------------------------------
+# Process helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_main(accelerator: Accelerator | None) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def _rank(accelerator: Accelerator | None) -> int:
+    return 0 if accelerator is None else accelerator.process_index
+
+
+def _barrier(accelerator: Accelerator | None) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------
+# Durable file writes
+# ------------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable; a no-op where unsupported."""
+    if os.name != "posix":
+        return
+    _fsync_file(path)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with path.open("wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------------------
+# Model weights (safetensors, shared tensors stored once)
+# ------------------------------------------------------------------------------------------------
+
+
+def _save_weights(state: StateDict, path: Path, model: str) -> None:
+    """Write a state dict as safetensors. Entries that are the same view of the same storage
+    (tied weights) are stored once and recorded as aliases in the file's metadata; other
+    overlapping or partial views are stored as contiguous copies (safetensors refuses shared
+    storage)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"model {model!r}: state entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
+        t = value.detach()
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if t.numel() > 0 and (view, t.dtype) in seen:
+            aliases[key] = seen[(view, t.dtype)]
+            continue
+        seen[(view, t.dtype)] = key
+        tensors[key] = t
+    storages = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    for key, t in tensors.items():
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if storages[t.untyped_storage().data_ptr()] > 1 or not whole or not t.is_contiguous():
+            tensors[key] = t.clone(memory_format=torch.contiguous_format)
+    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
+    _fsync_file(path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = load_file(str(path), device="cpu")
+    with safe_open(str(path), framework="pt") as fh:
+        aliases = json.loads((fh.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    for alias, target in aliases.items():
+        state[alias] = state[target]
+    return state
+
+
+def _load_model(
+    module: nn.Module, path: Path, partial: bool, name: str, accelerator: Accelerator | None
+) -> None:
+    target = accelerator.unwrap_model(module) if accelerator is not None else module
+    state = _load_weights(path)
+    try:
+        result = target.load_state_dict(state, strict=not partial)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot load model {name!r} from {path}: {exc}") from None
+    if result.unexpected_keys:
+        raise RuntimeError(
+            f"cannot load model {name!r} from {path}: keys not in the module: "
+            f"{result.unexpected_keys[:10]} (save partial states with keys from "
+            "module.state_dict(), e.g. trainable_state_dict(module))"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states
+# ------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any], path: Path) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np.asarray(np_state["keys"], dtype=np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda or torch.cuda.is_available():
+        warnings.warn(
+            f"{path}: saved CUDA RNG states for {len(cuda)} device(s), this process sees "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+            "CUDA RNG not restored, so the resumed run will not match exactly",
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Named states: JSON, with tensors stored alongside
+# ------------------------------------------------------------------------------------------------
+
+
+def _split_tensors(obj: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON-able data, each tensor replaced by a reference into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        ref = str(len(tensors))
+        tensors[ref] = obj.detach().cpu()
+        return {_TENSOR_REF: ref}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; use str keys")
+            if key == _TENSOR_REF:
+                raise TypeError(f"{where}: the key {_TENSOR_REF!r} is reserved")
+            out[key] = _split_tensors(value, f"{where}[{key!r}]", tensors)
+        return out
+    raise TypeError(
+        f"{where} is a {type(obj).__name__}; states may hold None, bool, int, float, str, "
+        "lists, str-keyed dicts and tensors (convert numpy scalars with int()/float())"
+    )
+
+
+def _join_tensors(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_REF}:
+            return tensors[obj[_TENSOR_REF]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing
+# ------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The run's complete checkpoints, oldest first (half-written ones are never listed)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MANIFEST_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The run's newest complete checkpoint directory, or ``None`` if it has none.
+
+    This is the highest-step ``step-*`` directory: each one is complete by construction, so a
+    crash between installing a checkpoint and updating ``latest`` loses nothing.
+    """
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Save
+# ------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    models: Mapping[str, nn.Module | StateDict],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    states: Mapping[str, Any] | None = None,
+    accelerator: Accelerator | None = None,
+    keep_last: int | None = 2,
+) -> Path:
+    """Write the checkpoint for ``step`` atomically and prune old ones; return its directory.
+
+    Args:
+        run_dir: the run directory; the checkpoint goes to ``run_dir/checkpoints/step-NNNNNN``.
+        step: the number of completed optimizer steps (≥ 0). Saving a step that exists
+            replaces it.
+        models: name → module (its whole ``state_dict()`` is saved) or → a state dict (saved as
+            given, e.g. :func:`trainable_state_dict`; loading then allows the module's other
+            keys to be missing). Names are file names: letters, digits, ``_.-``.
+        optimizer, scheduler: saved with their ``state_dict()``.
+        states: name → JSON-able state (None/bool/int/float/str, lists, str-keyed dicts) that may
+            contain tensors, e.g. ``{"kl_controller": ctl.state_dict()}``. Tuples come back as
+            lists.
+        accelerator: when given, every process must call this; the main process writes.
+        keep_last: how many checkpoints to keep, newest first (``None``: all).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int ≥ 0, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be ≥ 1 or None, got {keep_last!r}")
+    for name in models:
+        if not _MODEL_NAME.match(name):
+            raise ValueError(f"model name {name!r} must match {_MODEL_NAME.pattern}")
+    model_states: dict[str, tuple[StateDict, bool]] = {}
+    for name, model in models.items():
+        if isinstance(model, nn.Module):
+            full = accelerator.get_state_dict(model) if accelerator else model.state_dict()
+            model_states[name] = (full, False)
+        else:
+            model_states[name] = (model, True)
+    state_tensors: dict[str, torch.Tensor] = {}
+    states_json = _split_tensors(dict(states or {}), "states", state_tensors)
+
+    main = _is_main(accelerator)
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    name = checkpoint_name(step)
+    tmp = root / f".tmp-{name}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left behind by a crash
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(accelerator)
+    try:
+        _torch_save(_rng_state(), tmp / f"rng-{_rank(accelerator)}.pt")
+        _barrier(accelerator)
+        if main:
+            manifest: dict[str, Any] = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "time": time.time(),
+                "tether_version": tether.__version__,
+                "num_processes": 1 if accelerator is None else accelerator.num_processes,
+                "models": {},
+                "optimizer": optimizer is not None,
+                "scheduler": scheduler is not None,
+            }
+            for model_name, (state, partial) in model_states.items():
+                file = f"{model_name}.safetensors"
+                _save_weights(state, tmp / file, model_name)
+                manifest["models"][model_name] = {"file": file, "partial": partial}
+            if optimizer is not None:
+                _torch_save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
+            if scheduler is not None:
+                _torch_save(scheduler.state_dict(), tmp / _SCHEDULER_FILE)
+            if state_tensors:
+                _torch_save(state_tensors, tmp / _STATES_TENSORS)
+            _write_text(tmp / _STATES_JSON, json.dumps(states_json, indent=1))
+            _write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
+            for path in tmp.iterdir():  # RNG files of the other processes
+                _fsync_file(path)
+            _fsync_dir(tmp)
+            _install(tmp, root / name)
+            _prune(root, keep_last, keep=name)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier(accelerator)
+    return root / name
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` directory to ``final`` and point ``latest`` at it."""
+    root = final.parent
+    old = root / f".old-{final.name}"
+    if final.exists():  # re-saving a step (e.g. a resumed run ending where it started)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = root / f".{LATEST_FILE}.tmp"
+    _write_text(pointer, final.name + "\n")
+    os.replace(pointer, root / LATEST_FILE)
+    _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _prune(root: Path, keep_last: int | None, keep: str) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (never ``keep``). Each is renamed out
+    of the ``step-*`` namespace first, so a crash mid-delete leaves no partial checkpoint."""
+    if keep_last is None:
+        return
+    for path in list_checkpoints(root.parent)[:-keep_last]:
+        if path.name == keep:
+            continue
+        doomed = root / f".old-{path.name}"
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Load
+# ------------------------------------------------------------------------------------------------
+
+
+def _resolve(path: Path) -> Path:
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a checkpoint directory holding {MANIFEST_FILE} "
+            f"or a run directory with {CHECKPOINTS_DIR}/step-*/"
+        )
+    return latest
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    models: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    accelerator: Accelerator | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore a checkpoint in place and return ``(step, states)``.
+
+    Args:
+        path: a checkpoint directory, or a run directory (its latest checkpoint is loaded).
+        models: name → module, the same names that were saved (all of them: a model left out
+            would silently not resume).
+        optimizer, scheduler: restored when given (and then must be in the checkpoint).
+        accelerator: when given, every process must call this; modules are unwrapped.
+
+    The RNG states (python, numpy, torch CPU and CUDA) of this process are restored too, so
+    call this after building models, optimizer and data, right before the training loop.
+    """
+    ckpt = _resolve(Path(path))
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{ckpt}: checkpoint format {manifest.get('format')!r}, this tether reads "
+            f"{FORMAT_VERSION}"
+        )
+    saved = manifest["models"]
+    missing = sorted(set(models) - set(saved))
+    extra = sorted(set(saved) - set(models))
+    if missing:
+        raise KeyError(f"{ckpt} has no model(s) {missing}; it holds {sorted(saved)}")
+    if extra:
+        raise KeyError(
+            f"{ckpt} also holds model(s) {extra}: pass them in models= so the run resumes exactly"
+        )
+    for name, module in models.items():
+        entry = saved[name]
+        _load_model(module, ckpt / entry["file"], entry["partial"], name, accelerator)
+    for obj, key, file in (
+        (optimizer, "optimizer", _OPTIMIZER_FILE),
+        (scheduler, "scheduler", _SCHEDULER_FILE),
+    ):
+        if obj is None:
+            continue
+        if not manifest[key]:
+            raise KeyError(f"{ckpt} has no {key} state, but a {key} was passed to restore")
+        obj.load_state_dict(torch.load(ckpt / file, map_location="cpu", weights_only=True))
+    tensors: dict[str, torch.Tensor] = {}
+    if (ckpt / _STATES_TENSORS).is_file():
+        tensors = torch.load(ckpt / _STATES_TENSORS, map_location="cpu", weights_only=True)
+    states = _join_tensors(json.loads((ckpt / _STATES_JSON).read_text(encoding="utf-8")), tensors)
+    rng_file = ckpt / f"rng-{_rank(accelerator)}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True), rng_file)
+    else:
+        warnings.warn(
+            f"{ckpt} has no RNG state for process {_rank(accelerator)} (saved with "
+            f"{manifest['num_processes']} process(es)); RNG not restored, so the resumed run "
+            "will not match exactly",
+            stacklevel=2,
+        )
+    return int(manifest["step"]), states

@@ -1,0 +1,110 @@
+"""A terminal progress bar for training loops: step / total, speed, ETA and a few metrics.
+
+Shown only on the main process and only when stdout is a terminal, so logs under CI, pytest or
+``nohup`` stay clean; when disabled every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def _format_metric(name: str, value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"{name} {value}"
+    return f"{name} {number:.4g}" if math.isfinite(number) else f"{name} {number}"
+
+
+class Progress:
+    """``with Progress(total=cfg.max_steps, initial=step, metrics=["loss", "kl/mean"]) as bar:``
+    then ``bar.update(step, metrics)`` after each step.
+
+    Args:
+        total: the last step.
+        initial: the step the loop starts from (the restored step when resuming).
+        metrics: the metric names to show, in order; others passed to :meth:`update` are ignored.
+        description: text in front of the bar.
+        accelerator: only its main process shows a bar.
+        console: where to draw; the default is stdout, enabled only when it is a terminal.
+        enabled: force the bar on or off (``None``: decide from the process and the terminal).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        metrics: Sequence[str] = (),
+        description: str = "train",
+        accelerator: Accelerator | None = None,
+        console: Console | None = None,
+        enabled: bool | None = None,
+    ) -> None:
+        self.metrics = tuple(metrics)
+        self._shown: dict[str, Any] = {}
+        console = console or Console()
+        main = accelerator is None or accelerator.is_main_process
+        self.enabled = (main and console.is_terminal) if enabled is None else enabled
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+        if self.enabled:
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("<"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                console=console,
+            )
+            self._task = self._bar.add_task(description, total=total, completed=initial, metrics="")
+            self._bar.start()
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Move the bar to ``step`` and show the latest values of the chosen metrics."""
+        if self._bar is None or self._task is None:
+            return
+        for name in self.metrics:
+            if metrics and name in metrics:
+                self._shown[name] = metrics[name]
+        text = "  ".join(
+            _format_metric(name, self._shown[name]) for name in self.metrics if name in self._shown
+        )
+        self._bar.update(self._task, completed=step, metrics=text)
+
+    def close(self) -> None:
+        """Stop drawing (safe to call twice)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,61 @@
+"""The algorithms ``tether train ALGO`` knows: a plain dict of name → lazy loader.
+
+A loader takes no arguments, imports its trainer module (so ``tether --help`` and the other
+commands never import every trainer) and returns ``(ConfigClass, train_fn)``: the config
+dataclass (a :class:`tether.runs.config.RunConfig` subclass) and the function that trains from a
+config instance. A trainer module adds itself with a function in this file::
+
+    def _dpo() -> TrainerSpec:
+        from tether.train.dpo import DPOConfig, train
+
+        return DPOConfig, train
+
+    TRAINERS["dpo"] = _dpo
+
+or, from outside the package (plugins, tests), with :func:`register_trainer`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+TrainerSpec = tuple[type, Callable[[Any], Any]]
+"""(config dataclass, train function taking an instance of it)."""
+TrainerLoader = Callable[[], TrainerSpec]
+
+TRAINERS: dict[str, TrainerLoader] = {}
+"""Algorithm name → zero-argument loader returning ``(ConfigClass, train_fn)``."""
+
+
+class UnknownTrainerError(KeyError):
+    """``tether train`` was given an algorithm name that is not in :data:`TRAINERS`."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def register_trainer(name: str, loader: TrainerLoader) -> None:
+    """Add an algorithm to :data:`TRAINERS`; a name already taken is an error."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"trainer name {name!r} must be letters, digits, '_' or '-'")
+    if name in TRAINERS:
+        raise ValueError(f"a trainer named {name!r} is already registered")
+    TRAINERS[name] = loader
+
+
+def get_trainer(name: str) -> TrainerSpec:
+    """Load the trainer ``name``: ``(ConfigClass, train_fn)``.
+
+    Raises:
+        UnknownTrainerError: ``name`` is not registered; the message lists close matches and
+            every known algorithm.
+    """
+    if name not in TRAINERS:
+        known = sorted(TRAINERS)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" did you mean {' or '.join(map(repr, close))}?" if close else ""
+        listing = ", ".join(known) if known else "none registered yet"
+        raise UnknownTrainerError(f"unknown algorithm {name!r};{hint} known algorithms: {listing}")
+    return TRAINERS[name]()
