@@ -1,4 +1,5 @@
-"""The README's Python example runs as written (keeps the README true)."""
+"""The README's ```python examples run as written (keeps the README true). Blocks fenced as
+```py are illustrations that need the real model (covered by the slow tests)."""
 
 import re
 from pathlib import Path
