@@ -59,3 +59,12 @@ def get_trainer(name: str) -> TrainerSpec:
         listing = ", ".join(known) if known else "none registered yet"
         raise UnknownTrainerError(f"unknown algorithm {name!r};{hint} known algorithms: {listing}")
     return TRAINERS[name]()
+
+
+def _dpo() -> TrainerSpec:
+    from tether.train.dpo import DPOConfig, train
+
+    return DPOConfig, train
+
+
+TRAINERS["dpo"] = _dpo

@@ -1,0 +1,214 @@
+"""Pieces every trainer shares: the model/optimiser config fields, accelerator and optimiser
+setup, and a resumable data cursor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from transformers import get_scheduler
+
+from tether.models import Policy, load_policy
+from tether.runs.config import RunConfig, option
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Model and optimisation fields shared by the LM trainers (flat, so ``key=value`` is easy)."""
+
+    model: str = option(
+        "smollm2-135m-instruct", help="Policy: embedded name, local path or HF id."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "float32", help="Weights dtype of the trained model (auto: bf16 on a bf16 GPU)."
+    )
+    peft: dict[str, Any] | None = option(
+        None, help="LoRA settings (peft.LoraConfig fields), e.g. {r: 16}; null = full fine-tune."
+    )
+    gradient_checkpointing: bool = option(
+        False, help="Recompute activations in backward to save memory."
+    )
+    learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+    weight_decay: float = option(0.0, help="AdamW decoupled weight decay (not on norms/biases).")
+    adam_betas: list[float] = option([0.9, 0.999], help="AdamW (beta1, beta2).")
+    max_grad_norm: float | None = option(1.0, help="Clip the global gradient norm (null: off).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = option(
+        "linear", help="LR schedule after warmup."
+    )
+    warmup_steps: int = option(0, help="Linear LR warmup, in optimizer steps.")
+    batch_size: int = option(8, help="Examples per optimizer step per process (before accum.).")
+    gradient_accumulation_steps: int = option(
+        1, help="Micro-batches per optimizer step; batch_size is split into this many."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be ≥ 1")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps})"
+            )
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.gradient_accumulation_steps
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """An accelerator for the config's precision; seeds every RNG (per process) from cfg.seed."""
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed, device_specific=True)
+    return acc
+
+
+def load_trainable_policy(cfg: TrainConfig) -> Policy:
+    """The policy of a training run, with LoRA and gradient checkpointing as configured."""
+    policy = load_policy(cfg.model, dtype=cfg.dtype, peft=cfg.peft)
+    if cfg.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        if cfg.peft is not None:
+            policy.model.enable_input_require_grads()
+    policy.model.config.use_cache = False
+    return policy
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_betas[0], cfg.adam_betas[1]),
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(
+        name[cfg.lr_scheduler],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+
+
+class DataCursor:
+    """Epoch-shuffled index batches over a dataset, resumable exactly from its state.
+
+    Each epoch is a permutation drawn from ``torch.Generator(seed + epoch)``, so the order does not
+    depend on any other RNG use; ``state_dict()`` holds (epoch, position). With several
+    processes, every process draws the same global batch of ``batch_size · num_processes``
+    indices and keeps its own slice.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ) -> None:
+        global_batch = batch_size * num_processes
+        if n < global_batch:
+            raise ValueError(
+                f"the dataset has {n} examples, fewer than one global batch ({global_batch})"
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.num_processes)
+
+    def next_indices(self) -> list[int]:
+        """This process's indices of the next batch (drop-last within an epoch)."""
+        global_batch = self.batch_size * self.num_processes
+        if self.position + global_batch > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        chunk = self._perm[self.position : self.position + global_batch]
+        self.position += global_batch
+        start = self.process_index * self.batch_size
+        return chunk[start : start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation(self.epoch)
+
+
+def split_micro_batches(indices: list[int], n_micro: int) -> list[list[int]]:
+    """Split a batch of indices into ``n_micro`` equal micro-batches."""
+    size = math.ceil(len(indices) / n_micro)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+class PolicyLogProbs(nn.Module):
+    """The policy as a module whose ``forward`` is tether's chunked log-prob computation.
+
+    ``accelerator.prepare`` wraps *this* module (DDP/FSDP), so the chunked head runs inside the
+    wrapper's forward and gradient synchronisation sees it; the HF model stays reachable as
+    ``.model``. Returns a tuple (DDP-friendly): ``(logprobs (B, T−1), entropy (B, T−1) or None)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from tether.models import forward_logprobs
+
+        out = forward_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            mask=mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
+        return out.logprobs, out.entropy
+
+
+def model_state_for_checkpoint(model: nn.Module) -> Any:
+    """What a checkpoint stores of the policy: a PEFT model's trainable (adapter) entries, or the
+    whole module for a full fine-tune."""
+    from tether.runs.checkpoint import trainable_state_dict
+
+    return trainable_state_dict(model) if hasattr(model, "peft_config") else model

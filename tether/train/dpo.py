@@ -1,0 +1,372 @@
+"""Offline DPO-family training (``tether train dpo``).
+
+DPO (Rafailov et al. 2023, arXiv:2305.18290) optimises reward − β·KL(π_θ‖π_ref) implicitly, from
+preference pairs. The loop: one concatenated forward of chosen and rejected responses (B pairs →
+2B rows), per-sequence log-probs from tether's chunked head (only response positions computed),
+reference log-probs from one of the four reference kinds (``precomputed`` by default: computed once
+for the whole dataset before training, then free), a loss from :func:`tether.core.losses.dpo_loss`,
+gradient accumulation, an LR schedule, optional LoRA and bf16 autocast (log-softmax and loss in
+fp32). The KL to the reference is measured, not assumed: every logging step reports, on the
+chosen responses (teacher-forced, so these describe the policy along the data, not on its own
+samples):
+
+* ``kl/chosen_logratio``: Σ_t log π_θ − log π_ref per sequence (the chosen implicit reward / β);
+* ``kl/chosen_k3``: Σ_t k3 per sequence (non-negative);
+* ``kl/chosen_exact``: Σ_t KL(π_θ(·|prefix) ‖ π_ref(·|prefix)) per sequence, exact over the
+  vocabulary, on ``exact_kl_samples`` chosen responses (needs a live reference; with the
+  precomputed one a frozen copy is kept for this metric only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from tether.core.kl import exact_from_logits, k3
+from tether.core.losses import DPOLossType, dpo_loss
+from tether.core.masked import masked_sum
+from tether.data import PreferenceExample, collate_preferences, load_preference_dataset
+from tether.models import cache_dir, forward_logprobs
+from tether.reference import (
+    CopyReference,
+    PrecomputedReference,
+    ReferencePolicy,
+    make_reference,
+)
+from tether.runs import Progress, RunDir
+from tether.runs.config import option
+from tether.train.common import (
+    DataCursor,
+    PolicyLogProbs,
+    TrainConfig,
+    load_trainable_policy,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    model_state_for_checkpoint,
+    split_micro_batches,
+)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Offline DPO-family training."""
+
+    train_data: str = option(
+        "", help="Preference data (JSONL/JSON/CSV/Parquet): prompt/chosen/rejected."
+    )
+    eval_data: str | None = option(
+        None, help="Held-out preference data (default: a split of train)."
+    )
+    eval_fraction: float = option(0.1, help="Fraction of train held out when eval_data is null.")
+    eval_steps: int = option(
+        50, help="Evaluate held-out loss/accuracy every N steps (and at the end)."
+    )
+    max_length: int = option(512, help="Max prompt+response tokens; longer responses are cut.")
+    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
+    as_chat: bool = option(
+        False, help="Wrap plain-string prompts as a user message (chat template)."
+    )
+    beta: float = option(0.1, help="β: KL coefficient of the implicit objective (τ for IPO).")
+    loss_type: DPOLossType = option(
+        "sigmoid", help="sigmoid | cdpo | ipo | robust | hinge | chi2po."
+    )
+    label_smoothing: float = option(0.0, help="ε: assumed label-flip rate (cdpo, robust).")
+    chi2_max_reward: float = option(1.0, help="χPO R_max: reward differences clipped to ±2·R_max.")
+    logps: Literal["auto", "sum", "mean"] = option(
+        "auto", help="Sequence log-prob: sum over tokens, or mean (auto: mean for ipo, else sum)."
+    )
+    reference: Literal["auto", "copy", "adapter", "precomputed", "synced"] = option(
+        "auto", help="Reference policy kind (auto: precomputed, the fast default offline)."
+    )
+    ref_dtype: Literal["same", "bfloat16"] = option("same", help="Dtype of a 'copy' reference.")
+    sync_alpha: float = option(0.6, help="TR-DPO mixing weight α of the 'synced' reference.")
+    sync_tau: int = option(512, help="TR-DPO: sync the reference every τ steps.")
+    exact_kl_samples: int = option(
+        2, help="Chosen responses per logging step on which the exact KL is computed (0: off)."
+    )
+    learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be < max_length")
+        if self.exact_kl_samples < 0 or self.eval_steps < 1:
+            raise ValueError("exact_kl_samples must be ≥ 0 and eval_steps ≥ 1")
+
+    @property
+    def reference_kind(self) -> str:
+        return "precomputed" if self.reference == "auto" else self.reference
+
+    @property
+    def mean_logps(self) -> bool:
+        return self.logps == "mean" or (self.logps == "auto" and self.loss_type == "ipo")
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, mean: bool) -> torch.Tensor:
+    """(2B, T−1) per-token log-probs and response mask → (2B,) per-sequence sum (or mean)."""
+    total = masked_sum(token_logps, mask, dim=-1)  # (2B,)
+    if mean:
+        return total / mask.sum(-1).clamp(min=1).to(total.dtype)
+    return total
+
+
+def split_data(
+    cfg: DPOConfig, tokenizer: Any
+) -> tuple[list[PreferenceExample], list[PreferenceExample], str]:
+    """Train and eval examples, and a fingerprint of both (keys the precomputed reference)."""
+    kwargs = dict(
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
+    )
+    train_ds = load_preference_dataset(cfg.train_data, tokenizer, **kwargs)
+    fingerprint = train_ds.fingerprint()
+    examples = list(train_ds)
+    if cfg.eval_data:
+        eval_ds = load_preference_dataset(cfg.eval_data, tokenizer, **kwargs)
+        fingerprint += eval_ds.fingerprint()
+        return examples, list(eval_ds), fingerprint[:32]
+    n_eval = int(round(cfg.eval_fraction * len(examples)))
+    if n_eval == 0:
+        return examples, [], fingerprint
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    held = set(perm[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evals = [examples[i] for i in sorted(held)]
+    return train, evals, fingerprint
+
+
+def _batches(examples: list[PreferenceExample], size: int, pad_id: int):
+    for s in range(0, len(examples), size):
+        yield collate_preferences(examples[s : s + size], pad_id)
+
+
+def build_reference(
+    cfg: DPOConfig, model: Any, examples: list[PreferenceExample], data_fp: str, pad_id: int
+) -> tuple[ReferencePolicy, ReferencePolicy | None]:
+    """The reference, and (for precomputed) a live copy used only for the exact-KL metric."""
+    kind = cfg.reference_kind
+    if kind == "precomputed":
+        ref = PrecomputedReference.build(
+            model,
+            _batches(examples, cfg.micro_batch_size, pad_id),
+            cache_dir() / "reference",
+            data_fingerprint=data_fp,
+        )
+        live = None
+        if cfg.exact_kl_samples > 0:
+            live = (
+                make_reference("adapter", model)
+                if hasattr(model, "peft_config")
+                else CopyReference(model)
+            )
+        return ref, live
+    dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else None
+    ref = make_reference(kind, model, dtype=dtype, sync_alpha=cfg.sync_alpha, sync_tau=cfg.sync_tau)
+    return ref, ref
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def dpo_step_loss(
+    policy: torch.nn.Module,
+    reference: ReferencePolicy,
+    batch: dict[str, torch.Tensor],
+    cfg: DPOConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss (mean over pairs) and detached per-pair/per-row statistics for one micro-batch."""
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    resp = batch["response_mask"][:, 1:]  # (2B, T−1): positions predicting response tokens
+    token_logps, _ = policy(ids, am, resp)  # (2B, T−1)
+    ref_token_logps = reference.logprobs(ids, am, resp).logprobs.to(token_logps.device)
+    seq = sequence_logps(token_logps, resp, cfg.mean_logps)  # (2B,)
+    ref_seq = sequence_logps(ref_token_logps, resp, cfg.mean_logps)
+    b = ids.shape[0] // 2
+    out = dpo_loss(
+        seq[:b],
+        seq[b:],
+        ref_seq[:b],
+        ref_seq[b:],
+        cfg.beta,
+        cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        chi2_max_reward=cfg.chi2_max_reward,
+    )
+    chosen_resp = resp[:b]
+    log_ratio = (token_logps[:b] - ref_token_logps[:b]).detach()  # (B, T−1)
+    stats = {
+        "loss": out.losses.detach(),
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/margin": out.margins,
+        "rewards/accuracy": out.accuracy,
+        "kl/chosen_logratio": masked_sum(log_ratio, chosen_resp, dim=-1),
+        "kl/chosen_k3": masked_sum(
+            k3(token_logps[:b].detach(), ref_token_logps[:b]), chosen_resp, dim=-1
+        ),
+        "logps/chosen": seq[:b].detach(),
+        "logps/rejected": seq[b:].detach(),
+    }
+    return out.losses.mean(), stats
+
+
+@torch.no_grad()
+def exact_chosen_kl(
+    model: Any, live_ref: ReferencePolicy, batch: dict[str, torch.Tensor], n: int
+) -> torch.Tensor:
+    """(n,) exact Σ_t KL(π_θ‖π_ref) over the vocabulary along the first n chosen responses."""
+    ids, am = batch["input_ids"][:n], batch["attention_mask"][:n]
+    resp = batch["response_mask"][:n, 1:]
+    was = model.training
+    model.eval()
+    try:
+        pol = forward_logprobs(model, ids, am, mask=resp, return_logits=True)
+    finally:
+        model.train(was)
+    ref = live_ref.logprobs(ids, am, resp, return_logits=True)
+    per_pos = exact_from_logits(pol.logits, ref.logits.to(pol.logits.device), resp)  # (n, T−1)
+    return per_pos.sum(-1)
+
+
+def _mean_stats(chunks: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    keys = chunks[0].keys()
+    return {
+        k: torch.cat([c[k].float().reshape(-1).cpu() for c in chunks]).mean().item() for k in keys
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    policy: torch.nn.Module,
+    reference: ReferencePolicy,
+    examples: list[PreferenceExample],
+    cfg: DPOConfig,
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Held-out loss, implicit-reward accuracy and margins over all eval examples."""
+    was = policy.training
+    policy.eval()
+    try:
+        chunks = [
+            dpo_step_loss(policy, reference, _to(b, device), cfg)[1]
+            for b in _batches(examples, cfg.micro_batch_size, pad_id)
+        ]
+    finally:
+        policy.train(was)
+    return {f"eval/{k}": v for k, v in _mean_stats(chunks).items()}
+
+
+def train(cfg: DPOConfig) -> dict[str, float]:
+    """Run offline DPO as configured; returns the final metrics."""
+    if not cfg.train_data:
+        raise ValueError("train_data is required: a preference file with prompt/chosen/rejected")
+    acc = make_accelerator(cfg)
+    policy = load_trainable_policy(cfg)
+    tok = policy.tokenizer
+    pad_id = tok.pad_token_id
+    train_ex, eval_ex, data_fp = split_data(cfg, tok)
+    model = policy.model.to(acc.device)
+    reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id)
+
+    module = PolicyLogProbs(model)
+    optimizer = make_optimizer(module, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    run = RunDir.from_config(cfg, acc)
+    step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
+    cursor = DataCursor(
+        len(train_ex), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index
+    )
+    if states:
+        cursor.load_state_dict(states["cursor"])
+        reference.load_state_dict(states["reference"])
+
+    final: dict[str, float] = {}
+    window: list[dict[str, torch.Tensor]] = []
+    tokens, window_steps, t0 = 0, 0, time.perf_counter()
+    n_micro = cfg.gradient_accumulation_steps
+    with Progress(
+        cfg.max_steps, initial=step, metrics=("loss", "rewards/accuracy"), accelerator=acc
+    ) as bar:
+        while step < cfg.max_steps:
+            module.train()
+            micro = split_micro_batches(cursor.next_indices(), n_micro)
+            for i, idx in enumerate(micro):
+                batch = _to(collate_preferences([train_ex[j] for j in idx], pad_id), acc.device)
+                sync = acc.no_sync(module) if i < len(micro) - 1 else contextlib.nullcontext()
+                with sync, acc.autocast():
+                    loss, stats = dpo_step_loss(module, reference, batch, cfg)
+                    acc.backward(loss / len(micro))
+                window.append(stats)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = (
+                acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                if cfg.max_grad_norm is not None
+                else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            reference.on_step(model, step)
+
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                metrics = _mean_stats(window)
+                if live_ref is not None and cfg.exact_kl_samples > 0:
+                    metrics["kl/chosen_exact"] = (
+                        exact_chosen_kl(
+                            model,
+                            live_ref,
+                            batch,
+                            min(cfg.exact_kl_samples, batch["input_ids"].shape[0] // 2),
+                        )
+                        .mean()
+                        .item()
+                    )
+                elapsed = time.perf_counter() - t0
+                metrics.update(
+                    {
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens / max(elapsed, 1e-9),
+                        "s_per_step": elapsed / window_steps,
+                    }
+                )
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                run.log(step, metrics)
+                bar.update(step, metrics)
+                final.update(metrics)
+                window, tokens, window_steps, t0 = [], 0, 0, time.perf_counter()
+            else:
+                bar.update(step)
+            if eval_ex and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+                ev = evaluate(module, reference, eval_ex, cfg, pad_id, acc.device)
+                run.log(step, ev)
+                final.update(ev)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                run.save(
+                    step,
+                    models={"policy": model_state_for_checkpoint(model)},
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    states={"cursor": cursor.state_dict(), "reference": reference.state_dict()},
+                )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out = run.path / "final"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    run.close()
+    return final
