@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check tether tests benchmarks
+	$(BIN)/ruff format --check tether tests benchmarks examples
 
 format: install
 	$(BIN)/ruff format tether tests benchmarks

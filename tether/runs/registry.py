@@ -68,3 +68,21 @@ def _dpo() -> TrainerSpec:
 
 
 TRAINERS["dpo"] = _dpo
+
+
+def _reward() -> TrainerSpec:
+    from tether.train.reward_model import RewardConfig, train
+
+    return RewardConfig, train
+
+
+TRAINERS["reward"] = _reward
+
+
+def _online_dpo() -> TrainerSpec:
+    from tether.train.online_dpo import OnlineDPOConfig, train
+
+    return OnlineDPOConfig, train
+
+
+TRAINERS["online_dpo"] = _online_dpo

@@ -21,9 +21,7 @@ from tether.runs.config import RunConfig, option
 class TrainConfig(RunConfig):
     """Model and optimisation fields shared by the LM trainers (flat, so ``key=value`` is easy)."""
 
-    model: str = option(
-        "smollm2-135m-instruct", help="Policy: embedded name, local path or HF id."
-    )
+    model: str = option("smollm2-135m-instruct", help="Policy: embedded name, local path or HF id.")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "float32", help="Weights dtype of the trained model (auto: bf16 on a bf16 GPU)."
     )
@@ -212,3 +210,32 @@ def model_state_for_checkpoint(model: nn.Module) -> Any:
     from tether.runs.checkpoint import trainable_state_dict
 
     return trainable_state_dict(model) if hasattr(model, "peft_config") else model
+
+
+def load_preference_split(
+    tokenizer: Any,
+    train_data: str,
+    eval_data: str | None,
+    eval_fraction: float,
+    seed: int,
+    **load_kwargs: Any,
+) -> tuple[list[Any], list[Any], str]:
+    """Train and held-out preference pairs, and a fingerprint of both.
+
+    ``eval_data`` when given, else a seeded ``eval_fraction`` split of ``train_data`` (the same
+    split for every run with the same seed). The fingerprint keys caches such as the
+    precomputed reference.
+    """
+    from tether.data import load_preference_dataset
+
+    train_ds = load_preference_dataset(train_data, tokenizer, **load_kwargs)
+    fingerprint = train_ds.fingerprint()
+    examples = list(train_ds)
+    if eval_data:
+        eval_ds = load_preference_dataset(eval_data, tokenizer, **load_kwargs)
+        return examples, list(eval_ds), (fingerprint + eval_ds.fingerprint())[:64]
+    n_eval = int(round(eval_fraction * len(examples)))
+    g = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(len(examples), generator=g)[:n_eval].tolist())
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [examples[i] for i in sorted(held)], fingerprint

@@ -29,7 +29,7 @@ import torch
 from tether.core.kl import exact_from_logits, k3
 from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
-from tether.data import PreferenceExample, collate_preferences, load_preference_dataset
+from tether.data import PreferenceExample, collate_preferences
 from tether.models import cache_dir, forward_logprobs
 from tether.reference import (
     CopyReference,
@@ -43,6 +43,7 @@ from tether.train.common import (
     DataCursor,
     PolicyLogProbs,
     TrainConfig,
+    load_preference_split,
     load_trainable_policy,
     make_accelerator,
     make_optimizer,
@@ -123,25 +124,16 @@ def split_data(
     cfg: DPOConfig, tokenizer: Any
 ) -> tuple[list[PreferenceExample], list[PreferenceExample], str]:
     """Train and eval examples, and a fingerprint of both (keys the precomputed reference)."""
-    kwargs = dict(
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
+    return load_preference_split(
+        tokenizer,
+        cfg.train_data,
+        cfg.eval_data,
+        cfg.eval_fraction,
+        cfg.seed,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        as_chat=cfg.as_chat,
     )
-    train_ds = load_preference_dataset(cfg.train_data, tokenizer, **kwargs)
-    fingerprint = train_ds.fingerprint()
-    examples = list(train_ds)
-    if cfg.eval_data:
-        eval_ds = load_preference_dataset(cfg.eval_data, tokenizer, **kwargs)
-        fingerprint += eval_ds.fingerprint()
-        return examples, list(eval_ds), fingerprint[:32]
-    n_eval = int(round(cfg.eval_fraction * len(examples)))
-    if n_eval == 0:
-        return examples, [], fingerprint
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(examples), generator=g).tolist()
-    held = set(perm[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held]
-    evals = [examples[i] for i in sorted(held)]
-    return train, evals, fingerprint
 
 
 def _batches(examples: list[PreferenceExample], size: int, pad_id: int):
