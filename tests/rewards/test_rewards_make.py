@@ -1,0 +1,73 @@
+"""make_reward: built-ins, saved reward models and user functions by spec."""
+
+import pytest
+import torch
+
+from tether.models import tiny_causal_lm
+from tether.rewards import BUILTIN_REWARDS, Length, VaderSentiment, make_reward
+from tether.rewards.model import RewardModel
+
+USER_MODULE = """
+def score(prompts, completions):
+    return [float(len(p) + len(c)) for p, c in zip(prompts, completions)]
+
+class Scorer:
+    @staticmethod
+    def score(prompts, completions):
+        return [1.0] * len(completions)
+
+NOT_CALLABLE = 3
+"""
+
+
+def test_builtins():
+    assert set(BUILTIN_REWARDS) == {"vader", "length"}
+    assert isinstance(make_reward("vader"), VaderSentiment)
+    assert isinstance(make_reward("length"), Length)
+    assert make_reward("vader") is not make_reward("vader")  # a fresh one each time
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "tether_test_user_rewards.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "tether_test_user_rewards"
+
+
+def test_module_function(user_module):
+    fn = make_reward(f"{user_module}:score")
+    assert fn(["ab", "c"], ["x", ""]) == [3.0, 1.0]
+    assert make_reward(f"{user_module}:Scorer.score")(["p"], ["c"]) == [1.0]
+
+
+def test_module_function_errors(user_module):
+    with pytest.raises(ImportError, match="cannot import module 'no_such_module_xyz'"):
+        make_reward("no_such_module_xyz:score")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        make_reward(f"{user_module}:missing")
+    with pytest.raises(ValueError, match="'NOT_CALLABLE' is a int, not a function"):
+        make_reward(f"{user_module}:NOT_CALLABLE")
+    with pytest.raises(ValueError, match="both parts non-empty"):
+        make_reward(f"{user_module}:")
+
+
+def test_reward_model_directory(tmp_path):
+    backbone = tmp_path / "backbone"
+    policy = tiny_causal_lm(seed=0)
+    policy.model.save_pretrained(backbone)
+    policy.tokenizer.save_pretrained(backbone)
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained_backbone(backbone, dtype="float32", max_length=48)
+    rm.save(tmp_path / "rm")
+    loaded = make_reward(str(tmp_path / "rm"))
+    prompts, completions = ["Review: ", "Review: "], ["great film", "awful film"]
+    assert loaded(prompts, completions) == pytest.approx(rm.score(prompts, completions), abs=1e-6)
+
+
+def test_unknown_spec_lists_builtins(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown reward 'sentiment'.*\(length, vader\)"):
+        make_reward("sentiment")
+    with pytest.raises(ValueError, match="non-empty string"):
+        make_reward("")
+    with pytest.raises(FileNotFoundError, match="not a tether reward model directory"):
+        make_reward(str(tmp_path))

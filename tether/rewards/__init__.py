@@ -1,0 +1,109 @@
+"""Reward functions ``(prompts, completions) -> rewards``: built-in rules, learned reward models,
+user functions, and the check of what they return.
+
+reward = make_reward("vader")                   # a built-in
+reward = make_reward("runs/rm")                 # a reward model saved by `tether train reward`
+reward = make_reward("my_rewards:score")        # a function of your own
+scores = validate_rewards(reward(prompts, completions), len(completions), "vader")
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from tether.rewards.base import (
+    RewardError,
+    RewardFn,
+    ValidatedRewards,
+    check_texts,
+    reward_name,
+    validate_rewards,
+)
+from tether.rewards.length import Length
+from tether.rewards.vader import VaderSentiment
+
+BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
+    "vader": VaderSentiment,
+    "length": Length,
+}
+"""Built-in rewards by name: each value builds a fresh reward function."""
+
+
+def make_reward(spec: str) -> RewardFn:
+    """Build the reward function that ``spec`` names.
+
+    ``spec`` is, in the order tried:
+
+    * a built-in name (:data:`BUILTIN_REWARDS`): ``"vader"`` (VADER compound sentiment of the
+      completion, in [−1, 1]) or ``"length"`` (completion characters / 100);
+    * a directory: a reward model saved by ``tether train reward``, loaded on the CPU with
+      :func:`tether.rewards.model.load_reward_model` (normalised if it records a normalisation);
+    * ``"module:function"``: the user's own reward function, imported from an importable module
+      (installed, or on ``PYTHONPATH``: ``PYTHONPATH=. tether bon --reward my_rewards:score``).
+      The function is called as ``function(prompts, completions)`` and must return one real
+      number per completion; attributes may be dotted (``"pkg.mod:Scorer.score"``).
+
+    Raises:
+        ValueError: ``spec`` is none of these; the message lists the built-ins.
+        ImportError: the module of a ``"module:function"`` spec cannot be imported.
+        FileNotFoundError: the directory is not a saved reward model.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a reward spec must be a non-empty string, got {spec!r}")
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]()
+    if Path(spec).is_dir():
+        from tether.rewards.model import load_reward_model  # transformers: imported on demand
+
+        return load_reward_model(spec)
+    if ":" in spec:
+        return _import_function(spec)
+    raise ValueError(
+        f"unknown reward {spec!r}: expected a built-in ({', '.join(sorted(BUILTIN_REWARDS))}), "
+        "a reward-model directory (no such directory exists), or 'module:function'"
+    )
+
+
+def _import_function(spec: str) -> RewardFn:
+    """Import the callable named by ``"module:attr[.attr...]"``."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"reward {spec!r}: expected 'module:function' with both parts non-empty")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"reward {spec!r}: cannot import module {module_name!r} ({e}); is it installed or on "
+            "PYTHONPATH?"
+        ) from e
+    obj: object = module
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise ValueError(
+                f"reward {spec!r}: {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if not callable(obj):
+        raise ValueError(
+            f"reward {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function "
+            "(prompts, completions) -> rewards"
+        )
+    return cast(RewardFn, obj)
+
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "Length",
+    "RewardError",
+    "RewardFn",
+    "ValidatedRewards",
+    "VaderSentiment",
+    "check_texts",
+    "make_reward",
+    "reward_name",
+    "validate_rewards",
+]
