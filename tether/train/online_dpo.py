@@ -1,0 +1,277 @@
+"""Online DPO with a judge (``tether train online_dpo``): OAIF, Guo et al. 2024 (arXiv:2402.04792).
+
+Each step: sample two completions per prompt from the *current* policy (KV cache), label the pair
+with a judge (any reward callable: VADER, a trained reward model, ``module:function``), and update
+with a DPO-family loss against the reference. Because the pairs are on-policy, the KL to the
+reference is measured where it matters, on the policy's own samples: ``kl/k1`` and ``kl/k3`` are
+unbiased per-sequence estimates (Σ over response tokens) of KL(π_θ‖π_ref).
+
+β schedule (``beta_schedule``): ``constant``; ``linear`` from ``beta`` to ``beta_end`` over
+``max_steps``; or ``adaptive``: β follows :class:`tether.core.controllers.AdaptiveKL` to hold the
+measured on-policy KL at ``kl_target`` (Ziegler et al. 2019), which no peer offers for DPO.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from tether.core.controllers import AdaptiveKL, FixedKL, KLController
+from tether.core.kl import k1, k3
+from tether.core.losses import DPOLossType, dpo_loss
+from tether.core.masked import masked_sum
+from tether.data import load_prompt_dataset
+from tether.models import SamplingConfig, generate
+from tether.reference import make_reference
+from tether.rewards import make_reward, validate_rewards
+from tether.runs import Progress, RunDir
+from tether.runs.config import option
+from tether.train.common import (
+    DataCursor,
+    PolicyLogProbs,
+    TrainConfig,
+    load_trainable_policy,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    model_state_for_checkpoint,
+)
+from tether.train.dpo import sequence_logps
+
+
+@dataclass
+class OnlineDPOConfig(TrainConfig):
+    """Online DPO: sample pairs from the policy, judge them, update."""
+
+    prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
+    as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
+    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
+    judge: str = option(
+        "vader", help="Reward: built-in name, reward-model dir, or module:function."
+    )
+    max_new_tokens: int = option(48, help="Response length cap.")
+    temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
+    top_k: int = option(0, help="Top-k sampling (0: off).")
+    top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
+    beta: float = option(0.1, help="β (initial β for linear/adaptive schedules).")
+    beta_schedule: Literal["constant", "linear", "adaptive"] = option(
+        "constant", help="How β changes: constant, linear to beta_end, or adaptive to kl_target."
+    )
+    beta_end: float = option(0.1, help="Final β of the linear schedule.")
+    kl_target: float = option(4.0, help="On-policy KL (nats per sequence) the adaptive β holds.")
+    kl_horizon: float = option(2000.0, help="AdaptiveKL horizon, in samples.")
+    loss_type: DPOLossType = option(
+        "sigmoid", help="sigmoid | cdpo | ipo | robust | hinge | chi2po."
+    )
+    label_smoothing: float = option(0.0, help="ε: assumed label-flip rate (cdpo, robust).")
+    reference: Literal["copy", "adapter", "synced"] = option(
+        "copy", help="Reference kind (adapter needs LoRA)."
+    )
+    min_score_gap: float = option(0.0, help="Skip pairs whose judge scores differ by ≤ this.")
+    learning_rate: float = option(5e-7, help="AdamW peak learning rate.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0 or self.beta_end <= 0:
+            raise ValueError("beta and beta_end must be > 0")
+        if self.kl_target <= 0 or self.kl_horizon <= 0:
+            raise ValueError("kl_target and kl_horizon must be > 0")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "online_dpo samples a fresh batch per step: use batch_size, not "
+                "gradient_accumulation_steps"
+            )
+
+
+def beta_controller(cfg: OnlineDPOConfig) -> KLController:
+    if cfg.beta_schedule == "adaptive":
+        return AdaptiveKL(init_beta=cfg.beta, target=cfg.kl_target, horizon=cfg.kl_horizon)
+    return FixedKL(cfg.beta)
+
+
+def scheduled_beta(cfg: OnlineDPOConfig, controller: KLController, step: int) -> float:
+    """β for optimizer step ``step`` (0-based)."""
+    if cfg.beta_schedule == "linear":
+        frac = step / max(cfg.max_steps - 1, 1)
+        return cfg.beta + (cfg.beta_end - cfg.beta) * frac
+    return controller.beta
+
+
+def pair_batch(
+    rollout: Any, scores: list[float], gap: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Rows (2i, 2i+1) of a rollout are the two samples of prompt i; order them chosen-first.
+
+    Returns the concatenated batch (chosen rows, then rejected rows; left-padded prompts, masks
+    over the full sequence) and counts of kept pairs and ties.
+    """
+    n = len(scores) // 2
+    chosen, rejected, ties = [], [], 0
+    for i in range(n):
+        a, b = 2 * i, 2 * i + 1
+        if abs(scores[a] - scores[b]) <= gap:
+            ties += 1
+            continue
+        hi, lo = (a, b) if scores[a] > scores[b] else (b, a)
+        chosen.append(hi)
+        rejected.append(lo)
+    order = torch.tensor(chosen + rejected, dtype=torch.long)
+    p = rollout.prompt_length
+    full_resp = torch.zeros_like(rollout.attention_mask)
+    full_resp[:, p:] = rollout.response_mask
+    batch = {
+        "input_ids": rollout.input_ids[order],
+        "attention_mask": rollout.attention_mask[order],
+        "response_mask": full_resp[order],
+        "behaviour_logprobs": rollout.logprobs[order],
+    }
+    return batch, {"pairs": float(len(chosen)), "ties": float(ties)}
+
+
+def train(cfg: OnlineDPOConfig) -> dict[str, float]:
+    """Run online DPO as configured; returns the final metrics."""
+    if not cfg.prompts:
+        raise ValueError("prompts is required: a prompt file with a 'prompt' column")
+    judge = make_reward(cfg.judge)
+    acc = make_accelerator(cfg)
+    policy = load_trainable_policy(cfg)
+    tok = policy.tokenizer
+    data = list(
+        load_prompt_dataset(
+            cfg.prompts, tok, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
+        )
+    )
+    model = policy.model.to(acc.device)
+    reference = make_reference(cfg.reference, model)
+    controller = beta_controller(cfg)
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+
+    module = PolicyLogProbs(model)
+    optimizer = make_optimizer(module, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    run = RunDir.from_config(cfg, acc)
+    step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
+    cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+    if states:
+        cursor.load_state_dict(states["cursor"])
+        reference.load_state_dict(states["reference"])
+        controller.load_state_dict(states["beta"])
+
+    final: dict[str, float] = {}
+    window: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    with Progress(
+        cfg.max_steps, initial=step, metrics=("score", "kl/k1", "beta"), accelerator=acc
+    ) as bar:
+        while step < cfg.max_steps:
+            examples = [data[i] for i in cursor.next_indices()]
+            prompt_ids = [e.prompt_ids for e in examples for _ in range(2)]
+            t_gen = time.perf_counter()
+            rollout = generate(model, tok, prompt_ids, sampling)
+            gen_s = time.perf_counter() - t_gen
+            texts = [
+                tok.decode(
+                    rollout.response_ids[i][rollout.response_mask[i]], skip_special_tokens=True
+                )
+                for i in range(len(prompt_ids))
+            ]
+            prompts_text = [e.prompt for e in examples for _ in range(2)]
+            scores = validate_rewards(judge(prompts_text, texts), len(texts), cfg.judge)
+            batch, counts = pair_batch(rollout, list(scores), cfg.min_score_gap)
+            beta = scheduled_beta(cfg, controller, step)
+            stats: dict[str, float] = {
+                "score": float(sum(scores) / len(scores)),
+                **counts,
+                "beta": beta,
+                "gen_s": gen_s,
+            }
+            module.train()
+            b = int(counts["pairs"])
+            if b > 0:
+                ids, am = batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device)
+                resp = batch["response_mask"][:, 1:].to(acc.device)
+                with acc.autocast():
+                    token_logps, _ = module(ids, am, resp, cfg.temperature)
+                    ref_lp = reference.logprobs(ids, am, resp, temperature=cfg.temperature).logprobs
+                    seq, ref_seq = (
+                        sequence_logps(token_logps, resp, False),
+                        sequence_logps(ref_lp, resp, False),
+                    )
+                    out = dpo_loss(
+                        seq[:b],
+                        seq[b:],
+                        ref_seq[:b],
+                        ref_seq[b:],
+                        beta,
+                        cfg.loss_type,
+                        label_smoothing=cfg.label_smoothing,
+                    )
+                    loss = out.losses.mean()
+                acc.backward(loss)
+                if cfg.max_grad_norm is not None:
+                    stats["grad_norm"] = float(
+                        acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    )
+                optimizer.step()
+                # on-policy KL: the samples came from π_θ before this update
+                behaviour = torch.zeros_like(ref_lp)
+                behaviour[:, rollout.prompt_length - 1 :] = batch["behaviour_logprobs"].to(
+                    acc.device
+                )
+                kl1 = masked_sum(k1(behaviour, ref_lp), resp, dim=-1)
+                kl3 = masked_sum(k3(behaviour, ref_lp), resp, dim=-1)
+                stats.update(
+                    {
+                        "loss": loss.item(),
+                        "rewards/accuracy": out.accuracy.mean().item(),
+                        "rewards/margin": out.margins.mean().item(),
+                        "kl/k1": kl1.mean().item(),
+                        "kl/k3": kl3.mean().item(),
+                        "response_length": float(resp.sum(-1).float().mean()),
+                    }
+                )
+                controller.update(max(stats["kl/k1"], 0.0), n_steps=2 * b)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            reference.on_step(model, step)
+            window.append(stats)
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                keys = {k for w in window for k in w}
+                metrics = {
+                    k: sum(w[k] for w in window if k in w) / sum(k in w for w in window)
+                    for k in keys
+                }
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                metrics["s_per_step"] = (time.perf_counter() - t0) / len(window)
+                run.log(step, metrics)
+                final.update(metrics)
+                window, t0 = [], time.perf_counter()
+            bar.update(step, final)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                run.save(
+                    step,
+                    models={"policy": model_state_for_checkpoint(model)},
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    states={
+                        "cursor": cursor.state_dict(),
+                        "reference": reference.state_dict(),
+                        "beta": controller.state_dict(),
+                    },
+                )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model.save_pretrained(run.path / "final")
+        tok.save_pretrained(run.path / "final")
+    run.close()
+    return final
