@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint format bench-kl clean
+.PHONY: install test test-slow lint format bench-kl demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install lint
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The main real run: SmolLM2-135M-Instruct, VADER-labelled pairs, offline DPO (~15-25 min on CPU).
+demo: install
+	$(BIN)/python examples/dpo_vader.py --out runs/dpo-vader
 
 bench-kl: install
 	$(BIN)/python benchmarks/exact_kl_memory.py
