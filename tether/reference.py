@@ -42,6 +42,7 @@ class ReferencePolicy:
     """Interface shared by the four kinds."""
 
     kind: str = ""
+    model: nn.Module
 
     def logprobs(
         self,
@@ -52,7 +53,18 @@ class ReferencePolicy:
         temperature: float = 1.0,
         return_logits: bool = False,
     ) -> LogProbOutput:
-        raise NotImplementedError
+        """Log-probs under the reference (same alignment as ``forward_logprobs``), no grad.
+
+        The default runs ``self.model`` in eval mode; kinds without a model of their own
+        override it."""
+        return _frozen_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            mask=mask,
+            temperature=temperature,
+            return_logits=return_logits,
+        )
 
     def on_step(self, policy_model: nn.Module, step: int) -> None:
         """Called after each optimiser step (``step`` counts from 1)."""
@@ -91,18 +103,6 @@ class CopyReference(ReferencePolicy):
             self.model.to(dtype)
         self.model.eval().requires_grad_(False)
         self.fingerprint = model_fingerprint(self.model)
-
-    def logprobs(
-        self, input_ids, attention_mask, mask=None, *, temperature=1.0, return_logits=False
-    ) -> LogProbOutput:
-        return _frozen_logprobs(
-            self.model,
-            input_ids,
-            attention_mask,
-            mask=mask,
-            temperature=temperature,
-            return_logits=return_logits,
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "fingerprint": self.fingerprint}
@@ -171,18 +171,6 @@ class SyncedReference(ReferencePolicy):
         self.model = copy.deepcopy(unwrap_model(policy_model))
         self.model.eval().requires_grad_(False)
         self.syncs = 0
-
-    def logprobs(
-        self, input_ids, attention_mask, mask=None, *, temperature=1.0, return_logits=False
-    ) -> LogProbOutput:
-        return _frozen_logprobs(
-            self.model,
-            input_ids,
-            attention_mask,
-            mask=mask,
-            temperature=temperature,
-            return_logits=return_logits,
-        )
 
     @torch.no_grad()
     def on_step(self, policy_model: nn.Module, step: int) -> None:

@@ -6,19 +6,9 @@ import random
 import pytest
 import torch
 
-from tether.models import tiny_causal_lm
 from tether.runs import read_metrics
 from tether.runs.config import load_config
 from tether.train.dpo import DPOConfig, sequence_logps, train
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    pol = tiny_causal_lm(seed=0)
-    pol.model.save_pretrained(path)
-    pol.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

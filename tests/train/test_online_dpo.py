@@ -6,18 +6,8 @@ import pytest
 import torch
 
 from tether.core.controllers import AdaptiveKL, FixedKL
-from tether.models import tiny_causal_lm
 from tether.runs import read_metrics
 from tether.train.online_dpo import OnlineDPOConfig, pair_batch, scheduled_beta, train
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    pol = tiny_causal_lm(seed=0)
-    pol.model.save_pretrained(path)
-    pol.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

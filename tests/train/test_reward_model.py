@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tether.cli import main
-from tether.models import tiny_causal_lm
 from tether.rewards.model import load_reward_model
 from tether.runs import read_metrics
 from tether.runs.config import load_config
@@ -26,15 +25,6 @@ from tether.train.reward_model import (
 RECIPE = Path(__file__).parents[2] / "recipes" / "reward.yaml"
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 WORDS = ["film", "plot", "cast", "story", "scene", "music", "actor", "ending", "script", "score"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    pol = tiny_causal_lm(seed=0)
-    pol.model.save_pretrained(path)
-    pol.tokenizer.save_pretrained(path)
-    return path
 
 
 def _response(rng, word):
