@@ -63,6 +63,27 @@ class TrainConfig(RunConfig):
         return self.batch_size // self.gradient_accumulation_steps
 
 
+@dataclass
+class PreferenceDataConfig(TrainConfig):
+    """Fields of the trainers that read preference pairs (DPO, reward models)."""
+
+    train_data: str = option(
+        "", help="Preference data (JSONL/JSON/CSV/Parquet): prompt/chosen/rejected."
+    )
+    eval_data: str | None = option(
+        None, help="Held-out preference data (default: a split of train_data)."
+    )
+    eval_fraction: float = option(0.1, help="Fraction of train held out when eval_data is null.")
+    eval_steps: int = option(
+        50, help="Evaluate held-out loss/accuracy every N steps (and at the end)."
+    )
+    max_length: int = option(512, help="Max prompt+response tokens; longer responses are cut.")
+    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
+    as_chat: bool = option(
+        False, help="Wrap plain-string prompts/responses as chat messages (chat template)."
+    )
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """An accelerator for the config's precision; seeds every RNG (per process) from cfg.seed."""
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())

@@ -42,7 +42,7 @@ from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
     PolicyLogProbs,
-    TrainConfig,
+    PreferenceDataConfig,
     load_preference_split,
     load_trainable_policy,
     make_accelerator,
@@ -54,24 +54,9 @@ from tether.train.common import (
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(PreferenceDataConfig):
     """Offline DPO-family training."""
 
-    train_data: str = option(
-        "", help="Preference data (JSONL/JSON/CSV/Parquet): prompt/chosen/rejected."
-    )
-    eval_data: str | None = option(
-        None, help="Held-out preference data (default: a split of train)."
-    )
-    eval_fraction: float = option(0.1, help="Fraction of train held out when eval_data is null.")
-    eval_steps: int = option(
-        50, help="Evaluate held-out loss/accuracy every N steps (and at the end)."
-    )
-    max_length: int = option(512, help="Max prompt+response tokens; longer responses are cut.")
-    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
-    as_chat: bool = option(
-        False, help="Wrap plain-string prompts as a user message (chat template)."
-    )
     beta: float = option(0.1, help="β: KL coefficient of the implicit objective (τ for IPO).")
     loss_type: DPOLossType = option(
         "sigmoid", help="sigmoid | cdpo | ipo | robust | hinge | chi2po."

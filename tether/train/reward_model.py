@@ -42,7 +42,7 @@ from tether.runs.checkpoint import trainable_state_dict
 from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
-    TrainConfig,
+    PreferenceDataConfig,
     load_preference_split,
     make_accelerator,
     make_optimizer,
@@ -57,24 +57,9 @@ CHECKPOINT_MODEL_NAME = "reward_model"
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(PreferenceDataConfig):
     """Bradley–Terry reward-model training."""
 
-    train_data: str = option(
-        "", help="Preference data (JSONL/JSON/CSV/Parquet): prompt/chosen/rejected."
-    )
-    eval_data: str | None = option(
-        None, help="Held-out preference data (default: a split of train_data)."
-    )
-    eval_fraction: float = option(0.1, help="Fraction of train held out when eval_data is null.")
-    eval_steps: int = option(
-        50, help="Evaluate held-out loss/accuracy every N steps (and at the end)."
-    )
-    max_length: int = option(512, help="Max prompt+response tokens; longer responses are cut.")
-    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
-    as_chat: bool = option(
-        False, help="Wrap plain-string prompts/responses as chat messages (chat template)."
-    )
     margin: float | None = option(
         None, help="Margin m in −log σ(r_w − r_l − m) (Llama 2); null: no margin."
     )
