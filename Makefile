@@ -35,7 +35,7 @@ test: install lint
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# The main real run: SmolLM2-135M-Instruct, VADER-labelled pairs, offline DPO (~15-25 min on CPU).
+# The main real run: SmolLM2-135M-Instruct, VADER-labelled pairs, offline DPO (~30-45 min on 2 CPU cores).
 demo: install
 	$(BIN)/python examples/dpo_vader.py --out runs/dpo-vader
 

@@ -8,7 +8,7 @@
    mean VADER score, and for the trained policy the KL to the reference *on its own samples*:
    k1 and k3 sequence sums (unbiased) and the exact per-token KL summed over each response.
 
-    python examples/dpo_vader.py --out runs/dpo-vader            # ≈ 15 min on 2 CPU cores
+    python examples/dpo_vader.py --out runs/dpo-vader            # ≈ 30-45 min on 2 CPU cores
 """
 
 from __future__ import annotations
