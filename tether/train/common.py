@@ -260,3 +260,23 @@ def load_preference_split(
     held = set(torch.randperm(len(examples), generator=g)[:n_eval].tolist())
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [examples[i] for i in sorted(held)], fingerprint
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    max_grad_norm: float | None,
+) -> float | None:
+    """Clip the gradient norm (if configured), step optimiser and schedule, clear the grads.
+
+    Returns the gradient norm before clipping, or ``None`` when clipping is off.
+    """
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

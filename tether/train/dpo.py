@@ -49,6 +49,7 @@ from tether.train.common import (
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
+    optimizer_step,
     split_micro_batches,
 )
 
@@ -287,14 +288,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                     acc.backward(loss / len(micro))
                 window.append(stats)
                 tokens += int(batch["attention_mask"].sum())
-            grad_norm = (
-                acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                if cfg.max_grad_norm is not None
-                else None
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(acc, module, optimizer, scheduler, cfg.max_grad_norm)
             step += 1
             window_steps += 1
             reference.on_step(model, step)

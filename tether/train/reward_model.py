@@ -47,6 +47,7 @@ from tether.train.common import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     split_micro_batches,
 )
 
@@ -271,14 +272,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                     acc.backward(loss / len(micro))
                 window.append(stats)
                 pairs += len(idx)
-            grad_norm = (
-                acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                if cfg.max_grad_norm is not None
-                else None
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(acc, module, optimizer, scheduler, cfg.max_grad_norm)
             step += 1
             window_steps += 1
 
