@@ -11,15 +11,20 @@ the peak RSS (``ru_maxrss`` of that process) belongs to that run alone.
 
 Rows:
 
-* ``tether``: tether at its defaults (precomputed reference, fp32 weights, no gradient
-  checkpointing, mixed_precision="no"), except ``exact_kl_samples=0``: with ``logging_steps=1``
-  (needed to read the step-0 loss) the exact-KL diagnostic would run an extra forward (and keep a
-  live copy of the model) every step, and TRL computes no such metric. ``--with-exact-kl`` adds a
-  row ``tether+exactkl`` with tether's default ``exact_kl_samples=2`` to show that cost.
+* ``tether``: tether at its defaults (precomputed reference computed under the training
+  precision, ``mixed_precision="auto"`` = bf16 autocast where the hardware has bf16 kernels,
+  selective activation checkpointing, padding-free packing, fused LM-head log-probs, fused AdamW;
+  fp32 weights), except ``exact_kl_samples=0``: with ``logging_steps=1`` (needed to read the
+  step-0 loss) the exact-KL diagnostic would run an extra forward (and keep a live copy of the
+  model) every step, and TRL computes no such metric. ``--with-exact-kl`` adds a row
+  ``tether+exactkl`` with tether's default ``exact_kl_samples=2`` to show that cost.
+* ``tether-fp32``: the same with ``mixed_precision="no"``: fp32 throughout. Selective
+  checkpointing stays on: it recomputes only elementwise ops (no matmul), so it is part of how
+  tether runs a step, not a precision/recompute trade like TRL's full gradient checkpointing.
 * ``trl-default``: TRL's recommended defaults for this hardware: bf16 autocast (``use_cpu=True``
   on CPU), gradient checkpointing, a live reference model (``precompute_ref_log_probs=False``).
 * ``trl-fp32``: fp32, no gradient checkpointing, live reference (TRL's default). The matched pair
-  with ``tether``; its numbers make the last line.
+  with ``tether-fp32``; its numbers make the last line.
 * ``trl-fp32-pre``: as ``trl-fp32`` with ``precompute_ref_log_probs=True``, tether's trick.
 
 Both sides see the same batches in the same order: TRL gets the rows in the order tether's
@@ -41,7 +46,8 @@ library's own code on the same weights.
 
 The last line is
 ``speedup: <X>x steps/s vs TRL, peak RSS ratio <Y>, step-0 |Δloss| <Z>`` for the matched fp32
-pair (X = TRL s/step ÷ tether s/step, Y = tether peak RSS ÷ TRL peak RSS, Z = |Δ first loss|);
+pair ``tether-fp32`` vs ``trl-fp32`` (X = TRL s/step ÷ tether s/step, Y = tether peak RSS ÷
+TRL peak RSS, Z = |Δ first loss|);
 the line before gives the same for the defaults-vs-defaults pair.
 """
 
@@ -66,13 +72,16 @@ MODEL = "smollm2-135m-instruct"
 
 # name -> how the run is configured. "lib": which library; the rest are that library's settings.
 CONFIGS: dict[str, dict] = {
-    "tether": {"lib": "tether", "exact_kl_samples": 0},
+    "tether": {"lib": "tether", "exact_kl_samples": 0, "mixed_precision": "auto"},
+    "tether-fp32": {"lib": "tether", "exact_kl_samples": 0, "mixed_precision": "no"},
     "trl-default": {"lib": "trl", "bf16": True, "grad_ckpt": True, "precompute": False},
     "trl-fp32": {"lib": "trl", "bf16": False, "grad_ckpt": False, "precompute": False},
     "trl-fp32-pre": {"lib": "trl", "bf16": False, "grad_ckpt": False, "precompute": True},
 }
-EXACT_KL_CONFIG = {"tether+exactkl": {"lib": "tether", "exact_kl_samples": 2}}
-MATCHED = ("tether", "trl-fp32")
+EXACT_KL_CONFIG = {
+    "tether+exactkl": {"lib": "tether", "exact_kl_samples": 2, "mixed_precision": "auto"}
+}
+MATCHED = ("tether-fp32", "trl-fp32")
 DEFAULTS = ("tether", "trl-default")
 
 POSITIVE = [
@@ -171,7 +180,7 @@ def _step_times(marks: list[tuple[float, float]]) -> dict[str, list[float]]:
     }
 
 
-def _tether_config(a: dict, out_dir: str, exact_kl_samples: int):
+def _tether_config(a: dict, out_dir: str, spec: dict):
     from tether.train.dpo import DPOConfig
 
     return DPOConfig(
@@ -189,10 +198,9 @@ def _tether_config(a: dict, out_dir: str, exact_kl_samples: int):
         beta=a["beta"],
         loss_type="sigmoid",
         learning_rate=a["lr"],
-        exact_kl_samples=exact_kl_samples,
+        exact_kl_samples=spec["exact_kl_samples"],
         dtype="float32",
-        mixed_precision="no",
-        gradient_checkpointing=False,
+        mixed_precision=spec["mixed_precision"],
     )
 
 
@@ -202,6 +210,7 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
     import tether.train.dpo as dpo_mod
     from tether.reference import PrecomputedReference
     from tether.runs import read_metrics
+    from tether.train.common import resolve_mixed_precision
 
     t_imported = time.perf_counter()
     marks: list[tuple[float, float]] = []  # (wall, cpu) at loop start, then after each step
@@ -232,7 +241,7 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
     PrecomputedReference.build = classmethod(timed_build)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _tether_config(a, str(Path(tmp) / "run"), spec["exact_kl_samples"])
+        cfg = _tether_config(a, str(Path(tmp) / "run"), spec)
         t0 = time.perf_counter()
         dpo_mod.train(cfg)
         train_s = time.perf_counter() - t0
@@ -241,11 +250,12 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
     return {
         "settings": {
             "weights": "float32",
-            "mixed_precision": cfg.mixed_precision,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "mixed_precision": resolve_mixed_precision(cfg.mixed_precision),
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "packing": "auto",
             "reference": cfg.reference_kind,
             "exact_kl_samples": cfg.exact_kl_samples,
-            "optimizer": "torch.optim.AdamW (default foreach)",
+            "optimizer": "torch.optim.AdamW(fused=True)",
             "torch_threads": torch.get_num_threads(),
         },
         **_step_times(marks),
@@ -666,7 +676,7 @@ def main() -> None:
 
     ratios = {}
     for label, (t, o) in (
-        ("fp32, TRL precomputed reference", ("tether", "trl-fp32-pre")),
+        ("fp32, TRL precomputed reference", ("tether-fp32", "trl-fp32-pre")),
         ("defaults vs defaults", DEFAULTS),
         ("matched fp32", MATCHED),
     ):

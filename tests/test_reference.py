@@ -136,6 +136,12 @@ def test_precomputed_matches_live_reference_in_any_layout(tmp_path, monkeypatch)
     again.load_state_dict(pre.state_dict())
     with pytest.raises(KeyError, match="not in the precomputed reference cache"):
         pre.logprobs(*_batch([[1, 2, 3]]))
+    monkeypatch.undo()
+    # built under bf16 autocast it is another cache (the precision is part of what it holds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = PrecomputedReference.build(pol.model, batches, tmp_path, data_fingerprint="abc")
+    assert low.path != pre.path and low.meta["precision"] == "bfloat16"
+    assert pre.meta["precision"] == "exact"
     with pytest.raises(ValueError, match="live"):
         pre.logprobs(ids, mask, return_logits=True)
 

@@ -252,7 +252,13 @@ class PrecomputedReference(ReferencePolicy):
         (model, data) pair exists it is loaded without running the model.
         """
         fp = model_fingerprint(unwrap_model(model))
-        path = Path(cache_dir) / f"{fp}-{data_fingerprint}-t{temperature:g}.safetensors"
+        device_type = _device(model).type
+        precision = (
+            str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+            if torch.is_autocast_enabled(device_type)
+            else "exact"
+        )  # computed under the caller's autocast, which is part of what the cache holds
+        path = Path(cache_dir) / f"{fp}-{data_fingerprint}-t{temperature:g}-{precision}.safetensors"
         if path.is_file():
             return cls(path)
         table: dict[str, Tensor] = {}
@@ -278,6 +284,7 @@ class PrecomputedReference(ReferencePolicy):
             "model_fingerprint": fp,
             "data_fingerprint": data_fingerprint,
             "temperature": temperature,
+            "precision": precision,
             "sequences": len(table),
             "tokens": n_tokens,
         }

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tether.models.packing import packed_hidden, packing_supported, plan_packing
+
 DEFAULT_CHUNK = 1024  # positions per head chunk; (1024, 49152) fp32 logits = 192 MiB
 
 
@@ -110,6 +112,69 @@ def _chunk_logprobs(
     return logp, entropy
 
 
+def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """The matmul dtype the head would run in: autocast's if active on this device, else h's."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+class _LinearLogProb(torch.autograd.Function):
+    """log softmax(h Wᵀ / τ)[target] for a bias-free linear head, (N, V) logits never saved.
+
+    Forward: logits = h Wᵀ in the matmul dtype, then fp32; the target logit is gathered and the
+    log-sum-exp taken in place (max, subtract, exp, sum) on that one buffer. Only h, the targets
+    and the (N,) log-sum-exp are saved. Backward recomputes the logits once and forms
+    ∂logp/∂logits = (onehot(target) − softmax)/τ in place:
+    ∂/∂h = G W, ∂/∂W = Gᵀ h. Against checkpointing the generic head this skips the recomputed
+    log-sum-exp and several (N, V) temporaries.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, inv_temp: float
+    ) -> Tensor:
+        cd = _compute_dtype(h, weight)
+        with torch.autocast(h.device.type, enabled=False):
+            logits = (h.to(cd) @ weight.to(cd).T).float()  # (N, V)
+        if inv_temp != 1.0:
+            logits.mul_(inv_temp)
+        tgt = logits.gather(1, targets[:, None]).squeeze(1)  # (N,)
+        peak = logits.amax(1, keepdim=True)  # (N, 1)
+        lse = logits.sub_(peak).exp_().sum(1).log_() + peak.squeeze(1)  # (N,)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.inv_temp, ctx.cd = inv_temp, cd
+        return tgt - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        h, weight, targets, lse = ctx.saved_tensors
+        cd, inv_temp = ctx.cd, ctx.inv_temp
+        with torch.autocast(h.device.type, enabled=False):
+            g = (h.to(cd) @ weight.to(cd).T).float()  # (N, V) logits again
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)
+            g.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # −grad · softmax
+            g.scatter_add_(1, targets[:, None], grad[:, None])  # + grad · onehot
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)
+            g = g.to(cd)
+            grad_h = (g @ weight.to(cd)).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (g.T @ h.to(cd)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
+def _fusable_head(head: nn.Module, softcap: float | None, scale: float, entropy: bool) -> bool:
+    """Whether :class:`_LinearLogProb` computes exactly what the generic head path would."""
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and softcap is None
+        and scale == 1.0
+        and not entropy
+    )
+
+
 def forward_logprobs(
     model: Any,
     input_ids: Tensor,
@@ -122,6 +187,7 @@ def forward_logprobs(
     return_hidden: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     position_ids: Tensor | None = None,
+    packing: bool | None = None,
 ) -> LogProbOutput:
     """Log-probs of ``input_ids[:, 1:]`` under ``model``, chunked over positions.
 
@@ -138,6 +204,9 @@ def forward_logprobs(
         return_hidden: also return the (B, T, H) last hidden states.
         chunk_size: positions per LM-head chunk.
         position_ids: (B, T); default derived from ``attention_mask`` (left-padding safe).
+        packing: run the backbone padding-free (:mod:`tether.models.packing`): True/None pack
+            when the batch has ≥10 % padding and the model passes :func:`packing_supported`;
+            False never packs. Same result up to floating-point summation order.
 
     Returns:
         :class:`LogProbOutput` with float32 log-probs (B, T−1).
@@ -156,12 +225,18 @@ def forward_logprobs(
     softcap, scale = _final_logit_transform(model)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H)
+    plan = None
+    if packing is not False and packing_supported(backbone):
+        plan = plan_packing(attention_mask, position_ids)
+    if plan is not None:
+        hidden = packed_hidden(backbone, input_ids, plan)  # (B, T, H), 0 on padding
+    else:
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
     h = hidden[:, :-1]  # (B, T−1, H): position t predicts token t+1
     targets = input_ids[:, 1:]  # (B, T−1)
 
@@ -178,7 +253,18 @@ def forward_logprobs(
 
     use_ckpt = torch.is_grad_enabled() and flat_h.requires_grad
     lps, ents = [], []
-    for s in range(0, flat_h.shape[0], chunk_size):
+    if _fusable_head(head, softcap, scale, return_entropy):
+        for s in range(0, flat_h.shape[0], chunk_size):
+            lps.append(
+                _LinearLogProb.apply(
+                    flat_h[s : s + chunk_size],
+                    head.weight,
+                    flat_t[s : s + chunk_size],
+                    1.0 / temperature,
+                )
+            )
+            ents.append(torch.zeros_like(lps[-1]))
+    for s in range(0, flat_h.shape[0] if not lps else 0, chunk_size):
         args = (
             flat_h[s : s + chunk_size],
             flat_t[s : s + chunk_size],

@@ -54,6 +54,7 @@ from tether.models import (
     position_ids_from_mask,
     prepare_tokenizer,
 )
+from tether.models.checkpointing import CheckpointMode, enable_activation_checkpointing
 from tether.models.loading import _resolve_dtype
 
 METADATA_FILE = "reward_model.json"
@@ -159,7 +160,7 @@ class RewardModel(nn.Module):
         *,
         dtype: str | torch.dtype = "auto",
         peft: dict[str, Any] | None = None,
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: CheckpointMode = "none",
         max_length: int | None = None,
         trust_remote_code: bool = False,
     ) -> RewardModel:
@@ -174,7 +175,8 @@ class RewardModel(nn.Module):
                 is always float32.
             peft: LoRA settings (``peft.LoraConfig`` fields) applied to the backbone; the head is
                 always fully trained. ``task_type`` is set to ``FEATURE_EXTRACTION``.
-            gradient_checkpointing: recompute the backbone's activations in backward.
+            activation_checkpointing: ``selective`` | ``full`` | ``none`` for the backbone
+                (:mod:`tether.models.checkpointing`).
             max_length: see :class:`RewardModel`.
             trust_remote_code: passed to transformers.
         """
@@ -193,14 +195,9 @@ class RewardModel(nn.Module):
                 tokenizer.eos_token = tokenizer.sep_token  # BERT-style: [SEP] ends a response
             prepare_tokenizer(tokenizer)
         backbone.config.use_cache = False
-        if gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        enable_activation_checkpointing(backbone, activation_checkpointing)
         if peft is not None:
             backbone = apply_peft(backbone, {**peft, "task_type": "FEATURE_EXTRACTION"})
-            if gradient_checkpointing:
-                backbone.enable_input_require_grads()
         return cls(backbone, tokenizer, causal=causal, name=name, max_length=max_length)
 
     @property

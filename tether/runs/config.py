@@ -90,8 +90,11 @@ class RunConfig:
         500, help="Save a checkpoint every N optimizer steps (0: at the end only)."
     )
     keep_last: int | None = option(2, help="Checkpoints kept on disk, newest first (null: all).")
-    mixed_precision: Literal["no", "fp16", "bf16"] = option(
-        "no", help="accelerate mixed precision mode for the trained model."
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
+        "auto",
+        help="Autocast for the trained model (auto: bf16 where the hardware has bf16 kernels, "
+        "i.e. an Ampere+ GPU or a CPU with AVX512-BF16/AMX; else no). Log-softmax, KL and "
+        "losses stay fp32.",
     )
 
     def __post_init__(self) -> None:

@@ -255,7 +255,9 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     pad_id = tok.pad_token_id
     train_ex, eval_ex, data_fp = split_data(cfg, tok)
     model = policy.model.to(acc.device)
-    reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id)
+    # the reference is computed in the precision the policy trains in: at step 0, π = π_ref
+    with acc.autocast():
+        reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id)
 
     module = PolicyLogProbs(model)
     optimizer = make_optimizer(module, cfg)

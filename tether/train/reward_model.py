@@ -232,7 +232,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
         cfg.model,
         dtype=cfg.dtype,
         peft=cfg.peft,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.activation_checkpointing,
         max_length=cfg.max_length,
     )
     pad_id = rm.tokenizer.pad_token_id
