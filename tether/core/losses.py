@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tether.core.kl import k3
+from tether.core.masked import Aggregation, aggregate, masked_mean
+
 DPOLossType = Literal["sigmoid", "cdpo", "ipo", "robust", "hinge", "chi2po"]
 DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
@@ -169,3 +172,142 @@ def bradley_terry_loss(
         chosen_rewards=chosen_rewards.detach().float(),
         rejected_rewards=rejected_rewards.detach().float(),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy-gradient losses (PPO family) and the critic's loss. Per-token inputs (B, T) with a mask;
+# the reduction is an explicit ``aggregation`` (see :func:`tether.core.masked.aggregate`).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    """A policy loss and its detached diagnostics (scalars, means over the masked tokens)."""
+
+    loss: Tensor
+    """Scalar loss, differentiable."""
+    clip_fraction: Tensor
+    """Share of tokens where the clipped term was the active one (0 for unclipped losses)."""
+    kl_old_new: Tensor
+    """KL(π_old‖π_θ) over the tokens, k3 estimate (samples are from π_old): ≥ 0."""
+    ratio_mean: Tensor
+    """Mean importance ratio ρ = π_θ/π_old."""
+
+
+def _ppo_stats(
+    log_ratio: Tensor, mask: Tensor, clipped: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    lr = log_ratio.detach()
+    kl = masked_mean(k3(torch.zeros_like(lr), lr), mask)  # k3 of log ρ: (ρ − 1) − log ρ
+    ratio = masked_mean(lr.exp(), mask)
+    frac = masked_mean(clipped.float(), mask) if clipped is not None else kl.new_zeros(())
+    return frac, kl, ratio
+
+
+def ppo_clip_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    denominator: float | Tensor | None = None,
+) -> PolicyLossOutput:
+    """PPO's clipped surrogate, per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A).
+
+    Schulman et al. 2017, arXiv:1707.06347 eq. 7; ``clip_eps_high`` > ``clip_eps`` is DAPO's
+    "clip-higher" (arXiv:2503.14476 eq. 10). ρ = exp(logp − old_logp) in fp32.
+
+    Args:
+        logp: (B, T) log π_θ of the sampled tokens (requires grad).
+        old_logp: (B, T) log π_old (the behaviour policy) of the same tokens.
+        advantages: (B, T) per-token advantages (broadcast a sequence advantage yourself).
+        mask: (B, T) bool, True on the tokens that count.
+        clip_eps: ε (lower side, and upper side unless ``clip_eps_high`` is given).
+        clip_eps_high: ε_high for the upper side.
+        aggregation: ``token_mean`` | ``seq_mean`` | ``seq_sum``.
+        denominator: global normaliser for micro-batching (see ``aggregate``).
+    """
+    if not logp.shape == old_logp.shape == advantages.shape == mask.shape:
+        raise ValueError("logp, old_logp, advantages and mask must have the same (B, T) shape")
+    if clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
+        raise ValueError("clip_eps (and clip_eps_high) must be > 0")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = logp.float() - old_logp.float().detach()  # (B, T)
+    ratio = log_ratio.exp()
+    adv = advantages.float().detach()
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    frac, kl, ratio_mean = _ppo_stats(log_ratio, mask, clipped < unclipped)
+    return PolicyLossOutput(
+        loss=aggregate(per_token, mask, aggregation, denominator),
+        clip_fraction=frac,
+        kl_old_new=kl,
+        ratio_mean=ratio_mean,
+    )
+
+
+def ppo_penalty_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    beta: float,
+    aggregation: Aggregation = "token_mean",
+    denominator: float | Tensor | None = None,
+) -> PolicyLossOutput:
+    """PPO's KL-penalised surrogate, per token: −ρ·A + β·KL_t(π_old‖π_θ) (arXiv:1707.06347 eq. 8).
+
+    The per-token KL is k3 of log ρ, (ρ − 1) − log ρ, on tokens sampled from π_old: its
+    expectation is KL(π_old‖π_θ) and so is the expectation of its gradient (E_old[ρ] = 1 for all
+    θ). β is adapted outside, after each update, by :class:`tether.core.controllers.PPOPenaltyKL`.
+    """
+    if not logp.shape == old_logp.shape == advantages.shape == mask.shape:
+        raise ValueError("logp, old_logp, advantages and mask must have the same (B, T) shape")
+    if beta < 0:
+        raise ValueError(f"beta must be ≥ 0, got {beta}")
+    old = old_logp.float().detach()
+    log_ratio = logp.float() - old
+    kl_t = k3(old, logp.float())  # (B, T): KL(π_old‖π_θ) per token, differentiable in logp
+    per_token = -log_ratio.exp() * advantages.float().detach() + beta * kl_t
+    _, kl, ratio_mean = _ppo_stats(log_ratio, mask)
+    return PolicyLossOutput(
+        loss=aggregate(per_token, mask, aggregation, denominator),
+        clip_fraction=kl.new_zeros(()),
+        kl_old_new=kl,
+        ratio_mean=ratio_mean,
+    )
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None = 0.2,
+    aggregation: Aggregation = "token_mean",
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The critic's loss ½·max((V − R)², (V_clip − R)²), V_clip = old + clip(V − old, ±c).
+
+    Value clipping as in OpenAI baselines' PPO2 and Ziegler et al. 2019's PPO for LMs;
+    ``clip_range=None`` gives the plain ½(V − R)².
+
+    Returns:
+        ``(loss, clip_fraction)``: the scalar loss and the detached share of tokens where the
+        clipped error was the larger one.
+    """
+    if not values.shape == old_values.shape == returns.shape == mask.shape:
+        raise ValueError("values, old_values, returns and mask must have the same (B, T) shape")
+    v, ret = values.float(), returns.float().detach()
+    err = (v - ret).square()
+    if clip_range is None:
+        return aggregate(0.5 * err, mask, aggregation, denominator), err.new_zeros(())
+    old = old_values.float().detach()
+    v_clip = old + (v - old).clamp(-clip_range, clip_range)
+    err_clip = (v_clip - ret).square()
+    frac = masked_mean((err_clip > err).float().detach(), mask)
+    per_token = 0.5 * torch.maximum(err, err_clip)
+    return aggregate(per_token, mask, aggregation, denominator), frac
