@@ -86,3 +86,48 @@ def _online_dpo() -> TrainerSpec:
 
 
 TRAINERS["online_dpo"] = _online_dpo
+
+
+def _ppo() -> TrainerSpec:
+    from tether.train.ppo import PPOConfig, train
+
+    return PPOConfig, train
+
+
+TRAINERS["ppo"] = _ppo
+
+
+def _ppo_penalty() -> TrainerSpec:
+    from tether.train.ppo import PPOPenaltyConfig, train
+
+    return PPOPenaltyConfig, train
+
+
+TRAINERS["ppo_penalty"] = _ppo_penalty
+
+
+def _grpo() -> TrainerSpec:
+    from tether.train.grpo import GRPOConfig, train
+
+    return GRPOConfig, train
+
+
+TRAINERS["grpo"] = _grpo
+
+
+def _rloo() -> TrainerSpec:
+    from tether.train.grpo import RLOOConfig, train
+
+    return RLOOConfig, train
+
+
+TRAINERS["rloo"] = _rloo
+
+
+def _trpo() -> TrainerSpec:
+    from tether.train.trpo import TRPOConfig, train
+
+    return TRPOConfig, train
+
+
+TRAINERS["trpo"] = _trpo

@@ -151,13 +151,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int | None = None
+) -> Any:
+    """The configured LR schedule over ``total_steps`` optimizer steps (default ``max_steps``)."""
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
     return get_scheduler(
         name[cfg.lr_scheduler],
         optimizer,
         num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
+        num_training_steps=total_steps or cfg.max_steps,
     )
 
 

@@ -1,0 +1,195 @@
+"""Critic-free RL for language models with a KL penalty: GRPO (``tether train grpo``) and RLOO
+(``tether train rloo``).
+
+Both sample G completions per prompt and use the group as the baseline, so no value model:
+
+* GRPO (Shao et al. 2024, arXiv:2402.03300 §4.1): advantage (r − mean_G)/std_G of the score
+  (``scale_rewards=false``: Dr. GRPO's unscaled mean baseline, arXiv:2503.20783), the same for
+  every token of a response; the clipped surrogate; the reference KL in the *loss* by default
+  (``kl_in="loss"``, β = 0.04 as in the paper) with the k3 estimator weighted by ρ = π_θ/π_old, so
+  its gradient is ∇KL(π_θ‖π_ref) (the paper's plain k3 has the forward-KL gradient; see
+  :func:`tether.core.kl.loss_term`).
+* RLOO (Ahmadian et al. 2024, arXiv:2402.14740): the KL goes into the sequence reward
+  (``kl_in="reward"``: r − β·Σ_t KL_t), advantage = that minus the mean of the other G − 1
+  samples' (leave-one-out), the clipped surrogate over the tokens (one epoch = REINFORCE with a
+  baseline).
+
+``ppo_epochs`` passes × ``num_mini_batches`` optimizer steps per rollout, as in PPO (μ iterations
+in the GRPO paper). β from any controller (fixed / adaptive / PID) on the measured KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tether.core.advantages import group_relative, leave_one_out
+from tether.core.kl import Estimator
+from tether.core.losses import ppo_clip_loss
+from tether.core.masked import Aggregation, aggregate
+from tether.runs.config import option
+from tether.train.rl import (
+    Experience,
+    KLPlacement,
+    RLConfig,
+    RLSession,
+    aggregation_denominator,
+    kl_loss,
+    sequence_rewards,
+    train_loop,
+)
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO: group-relative advantages, KL to the reference in the loss."""
+
+    num_generations: int = option(8, help="G: completions per prompt (the group).")
+    kl_in: KLPlacement = option("loss", help="Where the reference KL goes: loss, reward or none.")
+    kl_estimator: Estimator = option("k3", help="KL estimator (kl_in=loss: k1 or k3).")
+    kl_coef: float = option(0.04, help="β (initial β of an adaptive/PID controller).")
+    scale_rewards: bool = option(True, help="Divide by the group std (False: Dr. GRPO).")
+    ppo_epochs: int = option(1, help="μ: passes over each rollout.")
+    num_mini_batches: int = option(1, help="Mini-batches (optimizer steps) per pass.")
+    clip_eps: float = option(0.2, help="ε of the clipped surrogate.")
+    clip_eps_high: float | None = option(None, help="Upper ε (DAPO clip-higher); null: = ε.")
+    loss_aggregation: Aggregation = option(
+        "seq_mean", help="seq_mean (GRPO paper) | token_mean (DAPO) | seq_sum."
+    )
+    learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError("group baselines need num_generations ≥ 2")
+        if self.ppo_epochs < 1 or self.num_mini_batches < 1:
+            raise ValueError("ppo_epochs and num_mini_batches must be ≥ 1")
+        n = self.rollout_size
+        if n % self.num_mini_batches or (n // self.num_mini_batches) % (
+            self.gradient_accumulation_steps
+        ):
+            raise ValueError(
+                f"the rollout of {n} sequences must split into num_mini_batches="
+                f"{self.num_mini_batches} × gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps} equal parts"
+            )
+
+    @property
+    def algorithm(self) -> str:
+        return "grpo"
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """RLOO: leave-one-out baseline, KL to the reference in the sequence reward."""
+
+    num_generations: int = option(4, help="G: completions per prompt (the group).")
+    kl_in: KLPlacement = option("reward", help="Where the reference KL goes: reward, loss, none.")
+    kl_estimator: Estimator = option("k1", help="KL estimator (kl_in=loss: k1 or k3).")
+    kl_coef: float = option(0.05, help="β (initial β of an adaptive/PID controller).")
+    loss_aggregation: Aggregation = option("token_mean", help="token_mean | seq_mean | seq_sum.")
+
+    @property
+    def algorithm(self) -> str:
+        return "rloo"
+
+
+def group_advantages(exp: Experience, beta: float, cfg: GRPOConfig) -> torch.Tensor:
+    """(N, R) token advantages: the group baseline of the (KL-shaped) sequence reward, broadcast
+    over each response. Samples dropped for an invalid reward get 0 and do not enter baselines
+    (their score is replaced by their group's valid mean before the baseline is taken)."""
+    seq = sequence_rewards(exp, beta, cfg.kl_in)  # (N,)
+    g = cfg.num_generations
+    valid = exp.valid.view(-1, g)
+    grouped = seq.view(-1, g)
+    if not bool(valid.all()):
+        fill = (grouped * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        grouped = torch.where(valid, grouped, fill)
+    flat = grouped.reshape(-1)
+    if cfg.algorithm == "rloo":
+        adv = leave_one_out(flat, g)
+    else:
+        adv = group_relative(flat, g, scale=cfg.scale_rewards)
+    adv = torch.where(exp.valid, adv, 0.0)
+    return torch.where(exp.response_mask, adv[:, None], 0.0)
+
+
+def group_update(
+    sess: RLSession,
+    exp: Experience,
+    adv: torch.Tensor,
+    beta: float,
+    cfg: GRPOConfig,
+    step: int,
+) -> dict[str, float]:
+    """Clipped-surrogate updates over one rollout (+ β·ρ·k in the loss when ``kl_in="loss"``)."""
+    module, optimizer, scheduler, acc = (
+        sess.module,
+        sess.optimizer,
+        sess.scheduler,
+        sess.accelerator,
+    )
+    n = exp.size
+    mb = n // cfg.num_mini_batches
+    micro = mb // cfg.gradient_accumulation_steps
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    logs: dict[str, list[float]] = {}
+    module.train()
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=gen).to(exp.input_ids.device)
+        for m in range(cfg.num_mini_batches):
+            rows = perm[m * mb : (m + 1) * mb]
+            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows])
+            for c in range(cfg.gradient_accumulation_steps):
+                idx = rows[c * micro : (c + 1) * micro]
+                mask = exp.response_mask[idx]
+                with acc.autocast():
+                    logp, _, _ = module(**exp.rows(idx), temperature=cfg.temperature)
+                    logp = logp.float()
+                    pg = ppo_clip_loss(
+                        logp,
+                        exp.old_logprobs[idx],
+                        adv[idx],
+                        mask,
+                        cfg.clip_eps,
+                        cfg.clip_eps_high,
+                        cfg.loss_aggregation,
+                        denom,
+                    )
+                    loss = pg.loss
+                    if cfg.kl_in == "loss" and beta > 0:
+                        kl_t = kl_loss(
+                            logp,
+                            exp.ref_logprobs[idx],
+                            exp.old_logprobs[idx],
+                            cfg.kl_estimator,
+                            mask,
+                        )
+                        loss = loss + beta * aggregate(kl_t, mask, cfg.loss_aggregation, denom)
+                acc.backward(loss)
+                for k, v in (
+                    ("loss/policy", pg.loss),
+                    ("clip_fraction", pg.clip_fraction),
+                    ("kl_old_new", pg.kl_old_new),
+                    ("ratio", pg.ratio_mean),
+                ):
+                    logs.setdefault(k, []).append(float(v))
+            if cfg.max_grad_norm is not None:
+                gn = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+                logs.setdefault("grad_norm", []).append(gn)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in logs.items()}
+
+
+def train(cfg: GRPOConfig) -> dict[str, float]:
+    """Run GRPO (or RLOO for an :class:`RLOOConfig`); returns the final metrics."""
+
+    def update(sess: RLSession, exp: Experience, beta: float, step: int) -> dict[str, float]:
+        return group_update(sess, exp, group_advantages(exp, beta, cfg), beta, cfg, step)
+
+    return train_loop(
+        cfg, update, optimizer_steps_per_iteration=cfg.ppo_epochs * cfg.num_mini_batches
+    )

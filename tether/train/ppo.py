@@ -1,0 +1,276 @@
+"""PPO for language models with a KL penalty to the reference (``tether train ppo``), and PPO with
+an adaptive KL penalty instead of clipping (``tether train ppo_penalty``).
+
+Each iteration: a rollout (:func:`tether.train.rl.collect`: B prompts × G samples, behaviour and
+reference log-probs, per-token KL, validated rewards, critic values); per-token rewards with the
+reference penalty shaped in (``kl_in="reward"``, the default, Ziegler et al. 2019) or kept for the
+loss (``kl_in="loss"``); GAE advantages from a value head on the policy's last hidden states
+(Schulman et al. 2016), whitened over the response tokens; then ``ppo_epochs`` passes over the
+rollout in ``num_mini_batches`` shuffled mini-batches, one optimizer step each:
+
+* ``ppo``: the clipped surrogate (arXiv:1707.06347 eq. 7) + ``vf_coef`` × clipped value loss
+  [+ β·ρ·k3 when ``kl_in="loss"``] − ``entropy_coef`` × entropy; optional early stop of the
+  epochs when KL(π_old‖π_θ) exceeds 1.5 × ``target_kl`` (as in OpenAI baselines / SB3);
+* ``ppo_penalty``: no clipping, the surrogate −ρ·A + β_old·KL(π_old‖π_θ) (eq. 8), with β_old
+  adapted after each iteration by PPO's halve/double rule (§4: ``penalty_target`` d_targ,
+  tolerance 1.5, factor 2) on the KL(π_old‖π_θ) measured after the update; the β_old trajectory
+  is logged as ``penalty_beta``. The reference penalty stays where ``kl_in`` puts it.
+
+After the update the reference-KL controller (fixed / adaptive / PID) sees the measured per-sequence
+KL of the rollout and sets β for the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tether.core.advantages import gae, whiten_advantages
+from tether.core.controllers import PPOPenaltyKL
+from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
+from tether.core.masked import Aggregation, aggregate, masked_mean
+from tether.runs.config import option
+from tether.train.rl import (
+    Experience,
+    PolicyWithValue,
+    RLConfig,
+    RLSession,
+    aggregation_denominator,
+    kl_loss,
+    shaped_token_rewards,
+    train_loop,
+)
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a value head and a KL penalty to the reference."""
+
+    ppo_epochs: int = option(4, help="Passes over each rollout.")
+    num_mini_batches: int = option(1, help="Mini-batches (optimizer steps) per pass.")
+    clip_eps: float = option(0.2, help="ε of the clipped surrogate.")
+    clip_eps_high: float | None = option(None, help="Upper ε (DAPO clip-higher); null: = ε.")
+    vf_coef: float = option(0.1, help="Weight of the value loss.")
+    value_clip: float | None = option(0.2, help="Value clipping range (null: off).")
+    gamma: float = option(1.0, help="Discount over tokens.")
+    lam: float = option(0.95, help="GAE λ.")
+    whiten_advantages: bool = option(True, help="Whiten advantages over the response tokens.")
+    entropy_coef: float = option(0.0, help="Entropy bonus weight.")
+    loss_aggregation: Aggregation = option(
+        "token_mean", help="token_mean | seq_mean | seq_sum (see tether.core.masked.aggregate)."
+    )
+    target_kl: float | None = option(
+        None, help="Stop an iteration's epochs when KL(old‖new) per token > 1.5 × this."
+    )
+    learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ppo_epochs < 1 or self.num_mini_batches < 1:
+            raise ValueError("ppo_epochs and num_mini_batches must be ≥ 1")
+        n = self.rollout_size
+        if n % self.num_mini_batches:
+            raise ValueError(
+                f"the rollout ({self.batch_size} prompts × {self.num_generations} generations = "
+                f"{n}) must split into num_mini_batches={self.num_mini_batches} equal parts"
+            )
+        if (n // self.num_mini_batches) % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"a mini-batch of {n // self.num_mini_batches} sequences must split into "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} micro-batches"
+            )
+
+    @property
+    def algorithm(self) -> str:
+        return "ppo"
+
+
+@dataclass
+class PPOPenaltyConfig(PPOConfig):
+    """PPO with the adaptive KL(π_old‖π_θ) penalty of §4 instead of clipping."""
+
+    penalty_beta: float = option(1.0, help="Initial β of the KL(old‖new) penalty.")
+    penalty_target: float = option(0.01, help="d_targ: KL(old‖new) per token per update.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.penalty_beta <= 0 or self.penalty_target <= 0:
+            raise ValueError("penalty_beta and penalty_target must be > 0")
+
+    @property
+    def algorithm(self) -> str:
+        return "ppo_penalty"
+
+
+def advantages_and_returns(
+    exp: Experience, beta: float, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, R) GAE advantages (whitened if configured) and λ-returns of a rollout."""
+    if exp.values is None:
+        raise ValueError("PPO needs critic values in the experience")
+    rewards = shaped_token_rewards(exp, beta, cfg.kl_in)
+    adv, ret = gae(rewards, exp.values, exp.response_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten_advantages(adv, exp.response_mask)
+    return adv, ret
+
+
+@torch.no_grad()
+def kl_old_new(module: PolicyWithValue, exp: Experience, cfg: PPOConfig, autocast: Any) -> float:
+    """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ."""
+    was = module.training
+    module.eval()
+    try:
+        with autocast():
+            logp, _, _ = module(**exp.rows(torch.arange(exp.size)), temperature=cfg.temperature)
+    finally:
+        module.train(was)
+    log_ratio = logp.float() - exp.old_logprobs
+    k3 = torch.expm1(log_ratio) - log_ratio
+    return float(masked_mean(k3, exp.response_mask))
+
+
+def train(cfg: PPOConfig) -> dict[str, float]:
+    """Run PPO (or PPO-penalty for a :class:`PPOPenaltyConfig`); returns the final metrics."""
+    penalty_ctl = (
+        PPOPenaltyKL(cfg.penalty_beta, cfg.penalty_target)
+        if isinstance(cfg, PPOPenaltyConfig)
+        else None
+    )
+
+    def update(sess: RLSession, exp: Experience, beta: float, step: int) -> dict[str, float]:
+        adv, ret = advantages_and_returns(exp, beta, cfg)
+        return ppo_update(sess, exp, adv, ret, beta, cfg, step, penalty_ctl)
+
+    def after_update(sess: RLSession, exp: Experience, metrics: dict[str, float]) -> None:
+        if penalty_ctl is None:
+            return
+        metrics["penalty_beta"] = penalty_ctl.beta  # the β_old this iteration used
+        metrics["kl_old_new/after"] = kl_old_new(sess.module, exp, cfg, sess.accelerator.autocast)
+        penalty_ctl.update(metrics["kl_old_new/after"])
+
+    return train_loop(
+        cfg,
+        update,
+        value_head=True,
+        optimizer_steps_per_iteration=cfg.ppo_epochs * cfg.num_mini_batches,
+        states={"penalty_controller": penalty_ctl} if penalty_ctl is not None else None,
+        after_update=after_update,
+    )
+
+
+def ppo_update(
+    sess: RLSession,
+    exp: Experience,
+    adv: torch.Tensor,
+    ret: torch.Tensor,
+    beta: float,
+    cfg: PPOConfig,
+    step: int,
+    penalty_ctl: PPOPenaltyKL | None,
+) -> dict[str, float]:
+    """``ppo_epochs`` passes of mini-batch updates over one rollout; averaged diagnostics."""
+    module, optimizer, scheduler, acc = (
+        sess.module,
+        sess.optimizer,
+        sess.scheduler,
+        sess.accelerator,
+    )
+    n = exp.size
+    mb = n // cfg.num_mini_batches
+    micro = mb // cfg.gradient_accumulation_steps
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    logs: dict[str, list[float]] = {}
+    stopped_epoch = cfg.ppo_epochs
+    module.train()
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=gen).to(exp.input_ids.device)
+        epoch_kl = []
+        for m in range(cfg.num_mini_batches):
+            rows = perm[m * mb : (m + 1) * mb]
+            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows])
+            for c in range(cfg.gradient_accumulation_steps):
+                idx = rows[c * micro : (c + 1) * micro]
+                mask = exp.response_mask[idx]
+                with acc.autocast():
+                    logp, ent, values = module(
+                        **exp.rows(idx),
+                        temperature=cfg.temperature,
+                        return_entropy=cfg.entropy_coef > 0,
+                    )
+                    logp = logp.float()
+                    if penalty_ctl is not None:
+                        pg = ppo_penalty_loss(
+                            logp,
+                            exp.old_logprobs[idx],
+                            adv[idx],
+                            mask,
+                            penalty_ctl.beta,
+                            cfg.loss_aggregation,
+                            denom,
+                        )
+                    else:
+                        pg = ppo_clip_loss(
+                            logp,
+                            exp.old_logprobs[idx],
+                            adv[idx],
+                            mask,
+                            cfg.clip_eps,
+                            cfg.clip_eps_high,
+                            cfg.loss_aggregation,
+                            denom,
+                        )
+                    vloss, vclip = value_loss(
+                        values,
+                        exp.values[idx],
+                        ret[idx],
+                        mask,
+                        cfg.value_clip,
+                        cfg.loss_aggregation,
+                        denom,
+                    )
+                    loss = pg.loss + cfg.vf_coef * vloss
+                    if cfg.kl_in == "loss" and beta > 0:
+                        kl_t = kl_loss(
+                            logp,
+                            exp.ref_logprobs[idx],
+                            exp.old_logprobs[idx],
+                            cfg.kl_estimator,
+                            mask,
+                        )
+                        loss = loss + beta * aggregate(kl_t, mask, cfg.loss_aggregation, denom)
+                    if cfg.entropy_coef > 0 and ent is not None:
+                        loss = loss - cfg.entropy_coef * aggregate(
+                            ent.float(), mask, cfg.loss_aggregation, denom
+                        )
+                acc.backward(loss)
+                for k, v in (
+                    ("loss/policy", pg.loss),
+                    ("loss/value", vloss),
+                    ("clip_fraction", pg.clip_fraction),
+                    ("value_clip_fraction", vclip),
+                    ("kl_old_new", pg.kl_old_new),
+                    ("ratio", pg.ratio_mean),
+                ):
+                    logs.setdefault(k, []).append(float(v))
+                epoch_kl.append(float(pg.kl_old_new))
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if grad_norm is not None:
+                logs.setdefault("grad_norm", []).append(grad_norm)
+        if (
+            cfg.target_kl is not None
+            and penalty_ctl is None
+            and sum(epoch_kl) / len(epoch_kl) > 1.5 * cfg.target_kl
+        ):
+            stopped_epoch = epoch + 1
+            break
+    out = {k: sum(v) / len(v) for k, v in logs.items()}
+    out["epochs"] = float(stopped_epoch)
+    return out

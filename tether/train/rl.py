@@ -1,0 +1,547 @@
+"""What the on-policy RL trainers for language models share: config, rollout, scoring, KL.
+
+One iteration of PPO / PPO-penalty / GRPO / RLOO / TRPO starts the same way (the flow in
+DESIGN.md): prompts → G sampled completions each (KV cache, at the training precision) →
+behaviour log-probs π_old → reference log-probs → per-token KL with the chosen estimator →
+rewards from any reward function (validated) → the penalty placed either in the reward
+(``kl_in="reward"``: −β·KL_t per token, the score on the last token; Ziegler et al. 2019,
+arXiv:1909.08593 eq. 2) or in the loss (``kl_in="loss"``: β·ρ·k3 with the importance weight that
+makes its gradient ∇KL(π_θ‖π_ref); GRPO arXiv:2402.03300 eq. 3, corrected per Zhang et al. 2025,
+arXiv:2505.17508). β comes from any controller of :mod:`tether.core.controllers`.
+
+Layout: a rollout of N = B·G sequences is kept as ``input_ids`` (N, P + R) — left-padded prompts
+of width P, responses of width R after them — and every per-token tensor of the response is
+(N, R) with ``response_mask`` (N, R) True up to and including the first EOS. Column j of the
+response is predicted by column P − 1 + j of the log-prob layout of :func:`forward_logprobs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from tether.core.controllers import KLController, make_controller
+from tether.core.kl import Estimator, estimate, exact_from_logits, k1, k3, loss_term
+from tether.core.masked import masked_mean, masked_sum
+from tether.data import PromptExample, load_prompt_dataset
+from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
+from tether.models.logprobs import unwrap_model
+from tether.reference import ReferencePolicy, make_reference
+from tether.rewards import RewardFn, make_reward, validate_rewards
+from tether.runs import Progress, RunDir
+from tether.runs.config import option
+from tether.train.common import (
+    DataCursor,
+    TrainConfig,
+    load_trainable_policy,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    model_state_for_checkpoint,
+)
+
+KLPlacement = Literal["reward", "loss", "none"]
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Fields every on-policy LM trainer shares. ``batch_size`` is prompts per iteration."""
+
+    prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
+    as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
+    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
+    reward: str = option(
+        "vader", help="Reward: built-in name, reward-model dir, or module:function."
+    )
+    reward_on_invalid: Literal["raise", "skip"] = option(
+        "raise", help="A NaN/inf reward: raise (naming the sample) or skip the sample and count it."
+    )
+    num_generations: int = option(1, help="G: completions sampled per prompt.")
+    max_new_tokens: int = option(48, help="Response length cap R.")
+    temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
+    top_k: int = option(0, help="Top-k sampling (0: off).")
+    top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
+    kl_in: KLPlacement = option(
+        "reward", help="Where the reference KL goes: reward (shaped), loss (β·ρ·k), or none."
+    )
+    kl_estimator: Estimator = option(
+        "k1", help="Per-token KL estimator: k1 | k2 | k3 | abs (kl_in=loss: k1 or k3)."
+    )
+    kl_coef: float = option(0.05, help="β, or the initial β of an adaptive/PID controller.")
+    kl_controller: Literal["fixed", "adaptive", "pid"] = option(
+        "fixed", help="How β moves: fixed, adaptive (Ziegler 2019) or PID to kl_target."
+    )
+    kl_target: float = option(6.0, help="KL to reference (nats per response) adaptive/PID hold.")
+    kl_horizon: float = option(10000.0, help="Adaptive controller horizon, in samples.")
+    pid_kp: float = option(0.1, help="PID proportional gain (β per unit relative KL error).")
+    pid_ki: float = option(0.05, help="PID integral gain.")
+    pid_kd: float = option(0.0, help="PID derivative gain.")
+    reference: Literal["copy", "adapter"] = option(
+        "copy", help="Reference: frozen copy, or the base model with LoRA disabled."
+    )
+    exact_kl_samples: int = option(
+        2, help="Responses per iteration on which the exact (full-vocabulary) KL is computed."
+    )
+    learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_generations < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_generations and max_new_tokens must be ≥ 1")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be ≥ 0, got {self.kl_coef}")
+        if self.kl_in == "loss" and self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(
+                f"kl_in=loss needs kl_estimator k1 or k3 (with the importance weight their "
+                f"gradient is the KL's; {self.kl_estimator} has none), got {self.kl_estimator!r}"
+            )
+        if self.kl_controller != "fixed" and self.kl_in == "none":
+            raise ValueError("kl_controller adapts β, but kl_in=none applies no KL penalty")
+        if self.kl_controller == "adaptive" and self.kl_coef <= 0:
+            raise ValueError("the adaptive controller multiplies β: kl_coef must be > 0")
+        if self.exact_kl_samples < 0:
+            raise ValueError("exact_kl_samples must be ≥ 0")
+
+    @property
+    def rollout_size(self) -> int:
+        """N = prompts × generations per iteration (per process)."""
+        return self.batch_size * self.num_generations
+
+
+def make_kl_controller(cfg: RLConfig) -> KLController:
+    """β's controller from the config (β = 0 and fixed when ``kl_in="none"``)."""
+    if cfg.kl_in == "none":
+        return make_controller("fixed", beta=0.0)
+    if cfg.kl_controller == "adaptive":
+        return make_controller(
+            "adaptive", init_beta=cfg.kl_coef, target=cfg.kl_target, horizon=cfg.kl_horizon
+        )
+    if cfg.kl_controller == "pid":
+        return make_controller(
+            "pid",
+            target=cfg.kl_target,
+            kp=cfg.pid_kp,
+            ki=cfg.pid_ki,
+            kd=cfg.pid_kd,
+            init_beta=cfg.kl_coef,
+        )
+    return make_controller("fixed", beta=cfg.kl_coef)
+
+
+def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
+    if not cfg.prompts:
+        raise ValueError("prompts is required: a prompt file with a 'prompt' column")
+    return list(
+        load_prompt_dataset(
+            cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
+        )
+    )
+
+
+def sampling_config(cfg: RLConfig) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+
+
+class PolicyWithValue(nn.Module):
+    """The policy (and optionally a value head on its hidden states) as one module whose forward
+    is tether's chunked log-prob computation: ``accelerate.prepare`` wraps this, so DDP sees the
+    whole forward. Returns ``(logprobs, entropy, values)`` for the response columns only.
+
+    ``detach_value=True`` trains the value head on detached hidden states: the critic then
+    cannot move the policy (TRPO: the trust region is for the policy's parameters alone).
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prompt_length: int,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        detach_value: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        mask = full_logprob_mask(response_mask, prompt_length)
+        out = forward_logprobs(
+            self.model,
+            input_ids,
+            attention_mask,
+            mask=mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            return_hidden=self.value_head is not None,
+        )
+        cols = slice(prompt_length - 1, None)
+        values = None
+        if self.value_head is not None:
+            h = out.hidden[:, :-1]  # (N, T−1, H): position t is the state before token t+1
+            values = self.value_head(h.detach() if detach_value else h)[:, cols]  # (N, R)
+        entropy = out.entropy[:, cols] if out.entropy is not None else None
+        return out.logprobs[:, cols], entropy, values
+
+
+def full_logprob_mask(response_mask: Tensor, prompt_length: int) -> Tensor:
+    """(N, R) response mask → (N, P + R − 1) mask in :func:`forward_logprobs`' layout."""
+    n = response_mask.shape[0]
+    pad = response_mask.new_zeros(n, prompt_length - 1)
+    return torch.cat([pad, response_mask], dim=1)
+
+
+@dataclass
+class Experience:
+    """One rollout, scored. Per-token tensors are (N, R) in the response layout."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_length: int
+    response_mask: Tensor
+    """(N, R) bool; all False for samples dropped for an invalid reward."""
+    old_logprobs: Tensor
+    """(N, R) log π_old of the sampled tokens (the behaviour policy, training precision)."""
+    ref_logprobs: Tensor
+    """(N, R) log π_ref."""
+    kl: Tensor
+    """(N, R) per-token KL(π_old‖π_ref) estimate (the configured estimator); 0 off the mask."""
+    scores: Tensor
+    """(N,) reward-function scores (0 for dropped samples)."""
+    valid: Tensor
+    """(N,) bool: the sample's reward was finite."""
+    prompts: list[str]
+    completions: list[str]
+    finished: Tensor
+    """(N,) bool: the response ended with EOS."""
+    values: Tensor | None = None
+    """(N, R) critic values at sampling time, when the trainer has a critic."""
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: Tensor) -> dict[str, Any]:
+        """The model inputs of rows ``idx``."""
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "response_mask": self.response_mask[idx],
+            "prompt_length": self.prompt_length,
+        }
+
+
+def _decode(tokenizer: Any, ids: Tensor, mask: Tensor) -> list[str]:
+    return [
+        tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(ids.shape[0])
+    ]
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    tokenizer: Any,
+    reference: ReferencePolicy,
+    reward_fn: RewardFn,
+    examples: list[PromptExample],
+    cfg: RLConfig,
+    autocast: Any = contextlib.nullcontext,
+    value_module: PolicyWithValue | None = None,
+) -> Experience:
+    """Sample G completions per prompt, score them, and measure the KL to the reference.
+
+    Sampling and the behaviour log-probs run under ``autocast`` (the training precision), so
+    the importance ratio of the first update is 1 up to the summation order.
+    """
+    prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
+    prompts = [e.prompt for e in examples for _ in range(cfg.num_generations)]
+    t0 = time.perf_counter()
+    with autocast():
+        rollout = generate(model, tokenizer, prompt_ids, sampling_config(cfg))
+    gen_s = time.perf_counter() - t0
+    resp = rollout.response_mask
+    completions = _decode(tokenizer, rollout.response_ids, resp)
+    t1 = time.perf_counter()
+    rewards = validate_rewards(
+        reward_fn(prompts, completions),
+        len(completions),
+        cfg.reward,
+        on_invalid=cfg.reward_on_invalid,
+        completions=completions,
+    )
+    reward_s = time.perf_counter() - t1
+    device = rollout.input_ids.device
+    valid = torch.tensor(rewards.valid, device=device)
+    scores = torch.tensor([v if ok else 0.0 for v, ok in zip(rewards, rewards.valid, strict=True)])
+    resp = resp & valid[:, None]
+    p = rollout.prompt_length
+    mask = full_logprob_mask(resp, p)
+    with autocast():
+        ref = reference.logprobs(
+            rollout.input_ids, rollout.attention_mask, mask, temperature=cfg.temperature
+        ).logprobs[:, p - 1 :]
+        values = None
+        if value_module is not None and value_module.value_head is not None:
+            was = value_module.training
+            value_module.eval()
+            try:
+                _, _, values = value_module(
+                    rollout.input_ids, rollout.attention_mask, resp, p, cfg.temperature
+                )
+            finally:
+                value_module.train(was)
+    old = torch.where(resp, rollout.logprobs.float(), 0.0)
+    ref = torch.where(resp, ref.float().to(device), 0.0)
+    kl = torch.where(resp, estimate(old, ref, cfg.kl_estimator), 0.0)
+    n_valid = max(int(valid.sum()), 1)
+    stats = {
+        "score": float(scores[valid.cpu()].sum()) / n_valid,
+        "score_std": float(scores[valid.cpu()].std()) if int(valid.sum()) > 1 else 0.0,
+        f"kl/{cfg.kl_estimator}": float(masked_sum(kl, resp, dim=-1).sum()) / n_valid,
+        "kl/k1": float(masked_sum(k1(old, ref), resp, dim=-1).sum()) / n_valid,
+        "kl/k3": float(masked_sum(k3(old, ref), resp, dim=-1).sum()) / n_valid,
+        "response_length": float(resp.sum()) / n_valid,
+        "finished_fraction": float(rollout.finished.float().mean()),
+        "num_skipped": float(rewards.num_skipped),
+        "gen_s": gen_s,
+        "reward_s": reward_s,
+    }
+    return Experience(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        prompt_length=p,
+        response_mask=resp,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        kl=kl,
+        scores=scores.to(device),
+        valid=valid,
+        prompts=prompts,
+        completions=completions,
+        finished=rollout.finished,
+        values=None if values is None else torch.where(resp, values.float(), 0.0),
+        stats=stats,
+    )
+
+
+@torch.no_grad()
+def exact_kl(
+    model: nn.Module, reference: ReferencePolicy, exp: Experience, n: int, temperature: float
+) -> tuple[float, float]:
+    """On the first ``n`` valid responses, at the current θ: the mean of Σ_t KL(π_θ(·|prefix) ‖
+    π_ref(·|prefix)), exact over the vocabulary (:func:`tether.core.kl.exact_from_logits`), and
+    the mean per-token entropy of π_θ. ``(0, nan)`` when there is no valid response."""
+    rows = exp.valid.nonzero().squeeze(-1)[:n]
+    if rows.numel() == 0:
+        return 0.0, float("nan")
+    ids, am = exp.input_ids[rows], exp.attention_mask[rows]
+    mask = full_logprob_mask(exp.response_mask[rows], exp.prompt_length)
+    base = unwrap_model(model)
+    was = base.training
+    base.eval()
+    try:
+        pol = forward_logprobs(
+            model, ids, am, mask=mask, temperature=temperature, return_logits=True
+        )
+    finally:
+        base.train(was)
+    ref = reference.logprobs(ids, am, mask, temperature=temperature, return_logits=True)
+    per_pos = exact_from_logits(pol.logits, ref.logits.to(pol.logits.device), mask)
+    logp = torch.log_softmax(pol.logits.float(), -1)  # (n, T−1, V): a handful of rows
+    entropy = -(logp.exp() * logp).sum(-1)
+    return float(per_pos.sum(-1).mean()), float(masked_mean(entropy, mask))
+
+
+def shaped_token_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Tensor:
+    """(N, R) per-token rewards: −β·KL_t on every response token (``kl_in="reward"``), plus the
+    score on the last one (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020)."""
+    resp = exp.response_mask
+    rewards = torch.zeros_like(exp.kl)
+    if kl_in == "reward" and beta > 0:
+        rewards = rewards - beta * exp.kl
+    last = (resp.long().cumsum(-1) == resp.sum(-1, keepdim=True)) & resp  # (N, R) last token
+    rewards = rewards + last.float() * exp.scores[:, None]
+    return torch.where(resp, rewards, 0.0)
+
+
+def sequence_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Tensor:
+    """(N,) score − β·Σ_t KL_t (``kl_in="reward"``) or the score alone."""
+    if kl_in == "reward" and beta > 0:
+        return exp.scores - beta * masked_sum(exp.kl, exp.response_mask, dim=-1)
+    return exp.scores.clone()
+
+
+def kl_loss(
+    logp: Tensor, ref_logp: Tensor, old_logp: Tensor, estimator: Estimator, mask: Tensor
+) -> Tensor:
+    """(n, R) per-token, β-free KL loss term ρ·k(π_θ, π_ref) with ρ = π_θ/π_old (see
+    :func:`tether.core.kl.loss_term`: its expected gradient is ∇KL(π_θ‖π_ref) on- and
+    off-policy); the caller multiplies by β and aggregates."""
+    per_token = loss_term(logp, ref_logp, estimator, behaviour_logp=old_logp)  # type: ignore[arg-type]
+    return torch.where(mask, per_token, 0.0)
+
+
+def build_reference(cfg: RLConfig, model: nn.Module) -> ReferencePolicy:
+    if cfg.reference == "adapter" and cfg.peft is None:
+        raise ValueError("reference=adapter needs a LoRA policy (set peft), or use reference=copy")
+    return make_reference(cfg.reference, model)
+
+
+def make_reward_fn(cfg: RLConfig) -> RewardFn:
+    return make_reward(cfg.reward)
+
+
+def aggregation_denominator(mode: str, mask: Tensor) -> float:
+    """The count :func:`tether.core.masked.aggregate` divides by for a whole mini-batch, so that
+    its micro-batches' losses add up to the mini-batch loss."""
+    if mode == "token_mean":
+        return max(float(mask.sum()), 1.0)
+    if mode == "seq_mean":
+        return max(float(mask.any(-1).sum()), 1.0)
+    return float(mask.shape[0])
+
+
+@dataclass
+class RLSession:
+    """Everything an RL trainer's update needs; built by :func:`train_loop`."""
+
+    cfg: RLConfig
+    accelerator: Any
+    model: nn.Module
+    module: Any
+    """The prepared :class:`PolicyWithValue` (DDP-wrapped under multi-process)."""
+    value_head: ValueHead | None
+    optimizer: Any
+    scheduler: Any
+    reference: ReferencePolicy
+
+
+UpdateFn = Callable[[RLSession, Experience, float, int], dict[str, float]]
+
+
+def train_loop(
+    cfg: RLConfig,
+    update: UpdateFn,
+    *,
+    value_head: bool = False,
+    optimize: Literal["all", "value_head"] = "all",
+    optimizer_steps_per_iteration: int = 1,
+    states: dict[str, Any] | None = None,
+    after_update: Callable[[RLSession, Experience, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """The on-policy loop every LM RL trainer runs; the algorithm is ``update``.
+
+    Per iteration: a rollout (:func:`collect`, with critic values if ``value_head``), the exact
+    KL on a subsample, ``update(session, experience, β, step)`` (advantages and the parameter
+    update; returns metrics), ``after_update`` (e.g. PPO-penalty's β_old rule), then the
+    reference-KL controller sees the rollout's measured KL. Metrics, checkpoints (policy, value
+    head, optimizer, scheduler, data cursor, reference, controllers and ``states``: objects with
+    ``state_dict``/``load_state_dict``) and the final model are written as in every trainer.
+
+    Args:
+        cfg: the trainer's config.
+        update: the algorithm.
+        value_head: add a zero-initialised :class:`ValueHead` on the policy's hidden states.
+        optimize: which parameters the AdamW optimizer owns: ``all`` trainable ones, or only the
+            value head's (TRPO moves the policy by its natural-gradient step instead).
+        optimizer_steps_per_iteration: for the LR schedule's length.
+        states: extra resumable state, by name.
+        after_update: called after ``update`` with the iteration's metrics (may add to them).
+    """
+    states = dict(states or {})
+    reward_fn = make_reward_fn(cfg)
+    acc = make_accelerator(cfg)
+    policy = load_trainable_policy(cfg)
+    tok = policy.tokenizer
+    data = load_prompts(cfg, tok)
+    model = policy.model.to(acc.device)
+    reference = build_reference(cfg, model)
+    controller = make_kl_controller(cfg)
+    head = ValueHead(unwrap_model(model).config.hidden_size).to(acc.device) if value_head else None
+    module = PolicyWithValue(model, head)
+    if optimize == "value_head":
+        if head is None:
+            raise ValueError("optimize='value_head' needs value_head=True")
+        optimizer = make_optimizer(head, cfg)
+    else:
+        optimizer = make_optimizer(module, cfg)
+    scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * optimizer_steps_per_iteration)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    run = RunDir.from_config(cfg, acc)
+    models: dict[str, Any] = {"policy": model}
+    if head is not None:
+        models["value_head"] = head
+    step, restored = run.restore(models=models, optimizer=optimizer, scheduler=scheduler)
+    cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+    stateful = {"cursor": cursor, "reference": reference, "kl_controller": controller, **states}
+    if restored:
+        for name, obj in stateful.items():
+            obj.load_state_dict(restored[name])
+    session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference)
+
+    final: dict[str, float] = {}
+    with Progress(
+        cfg.max_steps, initial=step, metrics=("score", "kl/k1", "beta"), accelerator=acc
+    ) as bar:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            examples = [data[i] for i in cursor.next_indices()]
+            exp = collect(
+                model,
+                tok,
+                reference,
+                reward_fn,
+                examples,
+                cfg,
+                acc.autocast,
+                module if head is not None else None,
+            )
+            beta = controller.beta
+            metrics = dict(exp.stats)
+            metrics["beta"] = beta
+            if cfg.exact_kl_samples:
+                metrics["kl/exact"], metrics["entropy"] = exact_kl(
+                    model, reference, exp, cfg.exact_kl_samples, cfg.temperature
+                )
+            metrics.update(update(session, exp, beta, step))
+            if after_update is not None:
+                after_update(session, exp, metrics)
+            controller.update(max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=exp.size)
+            step += 1
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["s_per_step"] = time.perf_counter() - t0
+            metrics["tokens_per_s"] = float(exp.attention_mask.sum()) / metrics["s_per_step"]
+            final.update(metrics)
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                run.log(step, metrics)
+            bar.update(step, metrics)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                saved: dict[str, Any] = {"policy": model_state_for_checkpoint(model)}
+                if head is not None:
+                    saved["value_head"] = head
+                run.save(
+                    step,
+                    models=saved,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    states={name: obj.state_dict() for name, obj in stateful.items()},
+                )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model.save_pretrained(run.path / "final")
+        tok.save_pretrained(run.path / "final")
+    run.close()
+    return final

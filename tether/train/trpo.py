@@ -1,0 +1,249 @@
+"""TRPO for language models (``tether train trpo``): a hard KL trust region on every update.
+
+Schulman et al. 2015 (arXiv:1502.05477) maximise the surrogate L(θ) = Ê_t[ρ_t(θ)·A_t] subject to
+KL̄(π_old‖π_θ) ≤ δ, where KL̄ is the mean over response tokens of the KL between the next-token
+distributions — exact over the vocabulary here, not a sampled estimate. Per iteration:
+
+1. a rollout (:func:`tether.train.rl.collect`) with the reference KL shaped into the per-token
+   reward (``kl_in="reward"``: the soft penalty to π_ref stays; the trust region is about π_old);
+2. advantages: GAE from a linear value head on the policy's *detached* hidden states (the critic
+   cannot move the policy), or a group baseline (``advantage=rloo|grpo``, G ≥ 2);
+3. the natural-gradient step: g = ∇L, s ≈ F⁻¹g by ``cg_iters`` conjugate-gradient iterations on
+   Fisher-vector products (double back-propagation through the model of the exact mean KL, with
+   ``cg_damping``), maximal step √(2δ/sᵀFs)·s, backtracking ×``backtrack_ratio`` up to
+   ``max_backtracks`` times until the surrogate improves *and* the measured KL ≤ δ, else the
+   parameters stay (:mod:`tether.core.trust_region`);
+4. the value head regressed on the λ-returns (AdamW, ``vf_iters`` passes) on features recomputed
+   after the step.
+
+Only trainable parameters span the natural-gradient space, so with LoRA the step is over the
+adapters. Second-order autograd needs a differentiable attention backward, so the policy step runs
+with PyTorch's math SDPA kernel, in eval mode (no dropout, no activation checkpointing), in fp32.
+One process: the Fisher-vector products are not sharded across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from tether.core.advantages import gae, group_relative, leave_one_out, whiten_advantages
+from tether.core.masked import masked_mean
+from tether.core.trust_region import (
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    line_search,
+    max_step_length,
+)
+from tether.models import forward_logprobs
+from tether.runs.config import option
+from tether.train.rl import (
+    Experience,
+    RLConfig,
+    RLSession,
+    full_logprob_mask,
+    sequence_rewards,
+    shaped_token_rewards,
+    train_loop,
+)
+
+
+@dataclass
+class TRPOConfig(RLConfig):
+    """TRPO: natural-gradient steps inside a KL(π_old‖π_θ) ≤ δ trust region."""
+
+    max_kl: float = option(0.01, help="δ: mean per-token KL(π_old‖π_new) allowed per update.")
+    cg_iters: int = option(10, help="Conjugate-gradient iterations.")
+    cg_damping: float = option(0.1, help="Damping added to the Fisher matrix.")
+    backtrack_ratio: float = option(0.8, help="Step shrink factor per line-search try.")
+    max_backtracks: int = option(10, help="Line-search tries before the update is rejected.")
+    advantage: Literal["gae", "rloo", "grpo"] = option(
+        "gae", help="gae (value head on detached features) | rloo | grpo (need G ≥ 2)."
+    )
+    gamma: float = option(1.0, help="Discount over tokens (gae).")
+    lam: float = option(0.95, help="GAE λ.")
+    whiten_advantages: bool = option(True, help="Whiten advantages over the response tokens.")
+    vf_iters: int = option(5, help="Value-head regression passes per iteration (gae).")
+    learning_rate: float = option(
+        1e-3, help="AdamW LR of the value head (the policy moves by the natural-gradient step)."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_in == "loss":
+            raise ValueError(
+                "TRPO keeps the reference KL in the reward (kl_in=reward) or drops it (none); "
+                "its update has no loss to add a KL term to"
+            )
+        if self.max_kl <= 0 or self.cg_iters < 1 or self.cg_damping < 0:
+            raise ValueError("need max_kl > 0, cg_iters ≥ 1 and cg_damping ≥ 0")
+        if not 0 < self.backtrack_ratio < 1 or self.max_backtracks < 1:
+            raise ValueError("need 0 < backtrack_ratio < 1 and max_backtracks ≥ 1")
+        if self.advantage != "gae" and self.num_generations < 2:
+            raise ValueError(f"advantage={self.advantage} needs num_generations ≥ 2")
+        if self.vf_iters < 1:
+            raise ValueError("vf_iters must be ≥ 1")
+
+    @property
+    def algorithm(self) -> str:
+        return "trpo"
+
+
+def trpo_advantages(exp: Experience, beta: float, cfg: TRPOConfig) -> tuple[Tensor, Tensor | None]:
+    """(N, R) advantages and (N, R) λ-returns (None without a critic)."""
+    if cfg.advantage == "gae":
+        rewards = shaped_token_rewards(exp, beta, cfg.kl_in)
+        adv, ret = gae(rewards, exp.values, exp.response_mask, cfg.gamma, cfg.lam)
+    else:
+        seq = sequence_rewards(exp, beta, cfg.kl_in)
+        g = cfg.num_generations
+        per_seq = leave_one_out(seq, g) if cfg.advantage == "rloo" else group_relative(seq, g)
+        adv, ret = torch.where(exp.response_mask, per_seq[:, None], 0.0), None
+    if cfg.whiten_advantages:
+        adv = whiten_advantages(adv, exp.response_mask)
+    return adv, ret
+
+
+def _policy_outputs(model: Any, exp: Experience, temperature: float) -> tuple[Tensor, Tensor]:
+    """(N, R) log-probs of the sampled tokens and (N, R, V) fp32 logits, at the current θ."""
+    p = exp.prompt_length
+    out = forward_logprobs(
+        model,
+        exp.input_ids,
+        exp.attention_mask,
+        mask=full_logprob_mask(exp.response_mask, p),
+        temperature=temperature,
+        return_logits=True,
+    )
+    return out.logprobs[:, p - 1 :], out.logits[:, p - 1 :].float()
+
+
+def _mean_kl(old_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over masked tokens of KL(softmax(old)‖softmax(new)), exact, twice differentiable."""
+    old_lp = torch.log_softmax(old_logits, -1)
+    new_lp = torch.log_softmax(logits, -1)
+    per_token = (old_lp.exp() * (old_lp - new_lp)).sum(-1)  # (N, R)
+    return masked_mean(per_token, mask)
+
+
+def trpo_policy_step(
+    sess: RLSession, exp: Experience, adv: Tensor, cfg: TRPOConfig
+) -> dict[str, float]:
+    """One natural-gradient step with the KL-constrained line search; returns its diagnostics."""
+    model = sess.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    mask = exp.response_mask
+    old_logp = exp.old_logprobs
+    was = model.training
+    model.eval()
+    kernel: Any = contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # older torch: the default kernels (may lack double backward)
+        pass
+    try:
+        with kernel:
+            logp, logits = _policy_outputs(model, exp, cfg.temperature)
+            old_logits = logits.detach()
+            surrogate = masked_mean((logp.float() - old_logp).exp() * adv, mask)
+            g = flat_grad(surrogate, params, retain_graph=True)
+            fvp = fisher_vector_product(_mean_kl(old_logits, logits, mask), params, cfg.cg_damping)
+            direction = conjugate_gradient(fvp, g, cfg.cg_iters)
+            step_len = max_step_length(direction, fvp(direction), cfg.max_kl)
+            full_step = (step_len * direction).detach()
+            expected = float(g.dot(full_step))
+            surrogate_old = float(surrogate)
+            del fvp, logits, logp, surrogate
+
+            def evaluate() -> tuple[float, float]:
+                lp, lg = _policy_outputs(model, exp, cfg.temperature)
+                sur = masked_mean((lp.float() - old_logp).exp() * adv, mask)
+                return float(sur), float(_mean_kl(old_logits, lg, mask))
+
+            with torch.no_grad():
+                res = line_search(
+                    params,
+                    full_step,
+                    evaluate,
+                    surrogate_old,
+                    cfg.max_kl,
+                    expected,
+                    cfg.backtrack_ratio,
+                    cfg.max_backtracks,
+                )
+    finally:
+        model.train(was)
+    return {
+        "trpo/accepted": float(res.accepted),
+        "trpo/step_fraction": res.step_fraction,
+        "trpo/backtracks": float(res.backtracks),
+        "trpo/kl": res.kl,
+        "trpo/improvement": res.improvement,
+        "trpo/expected_improvement": res.expected_improvement,
+        "trpo/step_norm": float(full_step.norm()),
+        "trpo/grad_norm": float(g.norm()),
+    }
+
+
+def fit_value_head(sess: RLSession, exp: Experience, ret: Tensor, cfg: TRPOConfig) -> float:
+    """Regress the value head on the λ-returns over features at the new θ; the final loss."""
+    head = sess.value_head
+    model = sess.model
+    p = exp.prompt_length
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), sess.accelerator.autocast():
+            hidden = (
+                forward_logprobs(
+                    model,
+                    exp.input_ids,
+                    exp.attention_mask,
+                    mask=full_logprob_mask(torch.zeros_like(exp.response_mask), p),
+                    return_hidden=True,
+                )
+                .hidden[:, :-1][:, p - 1 :]
+                .float()
+            )  # (N, R, H)
+    finally:
+        model.train(was)
+    mask = exp.response_mask
+    loss = torch.zeros(())
+    for _ in range(cfg.vf_iters):
+        values = head(hidden)  # (N, R)
+        loss = 0.5 * masked_mean((values - ret).square(), mask)
+        sess.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sess.optimizer.step()
+    sess.scheduler.step()
+    sess.optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def train(cfg: TRPOConfig) -> dict[str, float]:
+    """Run TRPO as configured; returns the final metrics."""
+
+    def update(sess: RLSession, exp: Experience, beta: float, step: int) -> dict[str, float]:
+        if sess.accelerator.num_processes > 1:
+            raise ValueError("tether's TRPO runs in one process (Fisher products are not sharded)")
+        adv, ret = trpo_advantages(exp, beta, cfg)
+        stats = trpo_policy_step(sess, exp, adv, cfg)
+        if ret is not None:
+            stats["loss/value"] = fit_value_head(sess, exp, ret, cfg)
+        return stats
+
+    critic = cfg.advantage == "gae"
+    return train_loop(
+        cfg,
+        update,
+        value_head=critic,
+        optimize="value_head" if critic else "all",  # without a critic nothing is stepped
+        optimizer_steps_per_iteration=1,
+    )
