@@ -32,3 +32,11 @@ def test_optimizer_is_fused_adamw_without_decay_on_norms(tmp_path):
     assert opt.defaults["fused"] is True
     decays = sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups)
     assert decays == [(0.0, 3), (0.1, 1)]  # bias, norm weight, norm bias undecayed
+
+
+def test_runs_with_different_precisions_share_a_process(tmp_path):
+    """accelerate keeps one process-wide state; a second run with another precision must work."""
+    for precision in ("bf16", "no", "bf16"):
+        cfg = DPOConfig(output_dir=str(tmp_path), train_data="x.jsonl", mixed_precision=precision)
+        acc = common.make_accelerator(cfg)
+        assert acc.mixed_precision == precision

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs, set_seed
 from torch import nn
 from transformers import get_scheduler
@@ -109,8 +110,15 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     """An accelerator for the config's precision; seeds every RNG (per process) from cfg.seed."""
     mode = getattr(cfg, "activation_checkpointing", "none")
     handlers = [AutocastKwargs(**autocast_kwargs(mode))] if autocast_kwargs(mode) else []
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # Another run in this process (a notebook, a sweep, a test session) set a different
+        # precision on accelerate's process-wide state; this run's config wins. The process
+        # group (PartialState) is kept.
+        AcceleratorState._reset_state()
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=precision,
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=handlers,
     )

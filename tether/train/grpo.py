@@ -174,7 +174,7 @@ def group_update(
                     ("kl_old_new", pg.kl_old_new),
                     ("ratio", pg.ratio_mean),
                 ):
-                    logs.setdefault(k, []).append(float(v))
+                    logs.setdefault(k, []).append(float(v.detach()))
             if cfg.max_grad_norm is not None:
                 gn = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
                 logs.setdefault("grad_norm", []).append(gn)

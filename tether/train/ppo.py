@@ -254,7 +254,7 @@ def ppo_update(
                     ("kl_old_new", pg.kl_old_new),
                     ("ratio", pg.ratio_mean),
                 ):
-                    logs.setdefault(k, []).append(float(v))
+                    logs.setdefault(k, []).append(float(v.detach()))
                 epoch_kl.append(float(pg.kl_old_new))
             grad_norm = None
             if cfg.max_grad_norm is not None:

@@ -159,7 +159,7 @@ def trpo_policy_step(
             step_len = max_step_length(direction, fvp(direction), cfg.max_kl)
             full_step = (step_len * direction).detach()
             expected = float(g.dot(full_step))
-            surrogate_old = float(surrogate)
+            surrogate_old = float(surrogate.detach())
             del fvp, logits, logp, surrogate
 
             def evaluate() -> tuple[float, float]:
@@ -224,7 +224,7 @@ def fit_value_head(sess: RLSession, exp: Experience, ret: Tensor, cfg: TRPOConfi
         sess.optimizer.step()
     sess.scheduler.step()
     sess.optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def train(cfg: TRPOConfig) -> dict[str, float]:
