@@ -1,4 +1,4 @@
-"""Shared fixtures for trainer smoke runs."""
+"""Shared fixtures: the tiny model saved as a checkpoint directory."""
 
 import pytest
 
