@@ -303,3 +303,26 @@ def test_resume_equals_uninterrupted(tiny_dir, prompts, tmp_path, algo):
         assert torch.equal(a[k], b[k]), k
     ra, rb = _rows(tmp_path / "full"), _rows(tmp_path / "half")
     assert [r["beta"] for r in ra] == [r["beta"] for r in rb]
+
+
+def test_grpo_without_the_behaviour_forward_equals_with_it(
+    tiny_dir, prompts, tmp_path, monkeypatch
+):
+    """μ = 1: the first training forward supplies π_old; same update as the extra forward gives."""
+    from safetensors.torch import load_file
+
+    kw = dict(batch_size=4, num_generations=4, max_steps=2, exact_kl_samples=0)
+    cfg = GRPOConfig(**_base(tiny_dir, prompts, tmp_path / "skip", **kw))
+    assert not cfg.needs_behaviour_forward
+    train_group(cfg)
+    monkeypatch.setattr(GRPOConfig, "needs_behaviour_forward", property(lambda self: True))
+    train_group(GRPOConfig(**_base(tiny_dir, prompts, tmp_path / "full", **kw)))
+    a = load_file(str(tmp_path / "skip" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    ra, rb = _rows(tmp_path / "skip"), _rows(tmp_path / "full")
+    for x, y in zip(ra, rb, strict=True):
+        assert x["kl/k3"] == pytest.approx(y["kl/k3"], abs=1e-4)
+        assert x["score"] == y["score"]
+    assert RLOOConfig().needs_behaviour_forward  # its KL is in the reward: needed before update

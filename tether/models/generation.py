@@ -65,8 +65,10 @@ class Rollout:
     prompt_length: int
     response_ids: Tensor
     response_mask: Tensor
-    logprobs: Tensor
-    sampler_logprobs: Tensor
+    logprobs: Tensor | None
+    """(B, R) behaviour log-probs from the training forward; None if not asked for."""
+    sampler_logprobs: Tensor | None
+    """(B, R) log-probs under the sampler's processed distribution; None if not asked for."""
     finished: Tensor
     """(B,) bool: the response ended with EOS (False: cut at max_new_tokens)."""
 
@@ -93,6 +95,8 @@ def generate(
     prompt_ids: list[list[int]],
     sampling: SamplingConfig,
     generator_seed: int | None = None,
+    compute_logprobs: bool = True,
+    compute_sampler_logprobs: bool = True,
 ) -> Rollout:
     """Sample one response per prompt with the KV cache and recompute behaviour log-probs.
 
@@ -102,6 +106,10 @@ def generate(
         prompt_ids: B prompts as token-id lists (no padding).
         sampling: :class:`SamplingConfig`.
         generator_seed: if given, seeds torch's RNG for this call (reproducible rollouts).
+        compute_logprobs: recompute the behaviour log-probs with the training forward (False
+            skips that forward, for a caller whose first training forward at θ_old gives them).
+        compute_sampler_logprobs: keep the sampler's processed scores to return
+            ``sampler_logprobs`` (costs B·R·V floats while generating; False skips it).
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -121,7 +129,7 @@ def generate(
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
         return_dict_in_generate=True,
-        output_scores=True,
+        output_scores=compute_sampler_logprobs,
         use_cache=True,
     )
     if sampling.do_sample:
@@ -145,24 +153,28 @@ def generate(
     input_ids = torch.cat([ids, response], dim=1)  # (B, P+R)
     attention_mask = torch.cat([mask, response_mask], dim=1)  # (B, P+R)
 
-    scores = torch.stack(out.scores, dim=1).float()  # (B, R, V) processed logits
-    sampler_lp = torch.log_softmax(scores, dim=-1).gather(-1, response[..., None]).squeeze(-1)
-    sampler_lp = torch.where(response_mask, sampler_lp, 0.0)  # (B, R)
+    sampler_lp = None
+    if compute_sampler_logprobs:
+        scores = torch.stack(out.scores, dim=1).float()  # (B, R, V) processed logits
+        sampler_lp = torch.log_softmax(scores, dim=-1).gather(-1, response[..., None]).squeeze(-1)
+        sampler_lp = torch.where(response_mask, sampler_lp, 0.0)  # (B, R)
 
-    was_training = model.training
-    model.eval()  # behaviour log-probs without dropout, as the policy that sampled
-    try:
-        full = forward_logprobs(
-            model,
-            input_ids,
-            attention_mask,
-            mask=torch.cat([torch.zeros_like(mask[:, 1:]), response_mask], dim=1),
-            temperature=sampling.temperature if sampling.do_sample else 1.0,
-            position_ids=position_ids_from_mask(attention_mask),
-        )
-    finally:
-        model.train(was_training)
-    logprobs = full.logprobs[:, p - 1 :]  # (B, R): position P−1 predicts the first response token
+    logprobs = None
+    if compute_logprobs:
+        was_training = model.training
+        model.eval()  # behaviour log-probs without dropout, as the policy that sampled
+        try:
+            full = forward_logprobs(
+                model,
+                input_ids,
+                attention_mask,
+                mask=torch.cat([torch.zeros_like(mask[:, 1:]), response_mask], dim=1),
+                temperature=sampling.temperature if sampling.do_sample else 1.0,
+                position_ids=position_ids_from_mask(attention_mask),
+            )
+        finally:
+            model.train(was_training)
+        logprobs = full.logprobs[:, p - 1 :]  # (B, R): position P−1 predicts response token 1
     return Rollout(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -79,6 +79,13 @@ class GRPOConfig(RLConfig):
     def algorithm(self) -> str:
         return "grpo"
 
+    @property
+    def needs_behaviour_forward(self) -> bool:
+        """One update per rollout (μ = 1, one mini-batch) with no KL in the reward: the first
+        training forward is at θ_old and gives the behaviour log-probs, so the rollout's extra
+        forward is skipped (as TRL does for num_iterations = 1)."""
+        return not (self.ppo_epochs == 1 and self.num_mini_batches == 1 and self.kl_in != "reward")
+
 
 @dataclass
 class RLOOConfig(GRPOConfig):
@@ -131,6 +138,11 @@ def group_update(
         sess.accelerator,
     )
     n = exp.size
+    fill_old = exp.old_logprobs is None  # one on-policy step: θ_old is the θ of this forward
+    if fill_old:
+        if cfg.ppo_epochs != 1 or cfg.num_mini_batches != 1:
+            raise ValueError("behaviour log-probs are needed for more than one update per rollout")
+        exp.old_logprobs = torch.zeros_like(exp.ref_logprobs)
     mb = n // cfg.num_mini_batches
     micro = mb // cfg.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -147,6 +159,8 @@ def group_update(
                 with acc.autocast():
                     logp, _, _ = module(**exp.rows(idx), temperature=cfg.temperature)
                     logp = logp.float()
+                    if fill_old:
+                        exp.old_logprobs[idx] = torch.where(mask, logp.detach(), 0.0)
                     pg = ppo_clip_loss(
                         logp,
                         exp.old_logprobs[idx],
@@ -191,5 +205,8 @@ def train(cfg: GRPOConfig) -> dict[str, float]:
         return group_update(sess, exp, group_advantages(exp, beta, cfg), beta, cfg, step)
 
     return train_loop(
-        cfg, update, optimizer_steps_per_iteration=cfg.ppo_epochs * cfg.num_mini_batches
+        cfg,
+        update,
+        optimizer_steps_per_iteration=cfg.ppo_epochs * cfg.num_mini_batches,
+        behaviour_logprobs=cfg.needs_behaviour_forward,
     )

@@ -176,7 +176,8 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             examples = [data[i] for i in cursor.next_indices()]
             prompt_ids = [e.prompt_ids for e in examples for _ in range(2)]
             t_gen = time.perf_counter()
-            rollout = generate(model, tok, prompt_ids, sampling)
+            with acc.autocast():  # behaviour log-probs in the precision the reference runs in
+                rollout = generate(model, tok, prompt_ids, sampling)
             gen_s = time.perf_counter() - t_gen
             texts = [
                 tok.decode(

@@ -212,12 +212,14 @@ class Experience:
     prompt_length: int
     response_mask: Tensor
     """(N, R) bool; all False for samples dropped for an invalid reward."""
-    old_logprobs: Tensor
-    """(N, R) log π_old of the sampled tokens (the behaviour policy, training precision)."""
+    old_logprobs: Tensor | None
+    """(N, R) log π_old of the sampled tokens (the behaviour policy, training precision); None
+    until known when the behaviour forward was skipped (see :func:`collect`)."""
     ref_logprobs: Tensor
     """(N, R) log π_ref."""
-    kl: Tensor
-    """(N, R) per-token KL(π_old‖π_ref) estimate (the configured estimator); 0 off the mask."""
+    kl: Tensor | None
+    """(N, R) per-token KL(π_old‖π_ref) estimate (the configured estimator); 0 off the mask.
+    None until :func:`kl_stats` has run."""
     scores: Tensor
     """(N,) reward-function scores (0 for dropped samples)."""
     valid: Tensor
@@ -260,17 +262,28 @@ def collect(
     cfg: RLConfig,
     autocast: Any = contextlib.nullcontext,
     value_module: PolicyWithValue | None = None,
+    behaviour_logprobs: bool = True,
 ) -> Experience:
     """Sample G completions per prompt, score them, and measure the KL to the reference.
 
     Sampling and the behaviour log-probs run under ``autocast`` (the training precision), so
-    the importance ratio of the first update is 1 up to the summation order.
+    the importance ratio of the first update is 1 up to the summation order. With
+    ``behaviour_logprobs=False`` the behaviour forward is skipped (``old_logprobs`` and ``kl`` are
+    None): for a single on-policy update whose first training forward, at θ_old, supplies them
+    (the caller then fills them and calls :func:`kl_stats`).
     """
     prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
     prompts = [e.prompt for e in examples for _ in range(cfg.num_generations)]
     t0 = time.perf_counter()
     with autocast():
-        rollout = generate(model, tokenizer, prompt_ids, sampling_config(cfg))
+        rollout = generate(
+            model,
+            tokenizer,
+            prompt_ids,
+            sampling_config(cfg),
+            compute_logprobs=behaviour_logprobs,
+            compute_sampler_logprobs=False,
+        )
     gen_s = time.perf_counter() - t0
     resp = rollout.response_mask
     completions = _decode(tokenizer, rollout.response_ids, resp)
@@ -303,38 +316,51 @@ def collect(
                 )
             finally:
                 value_module.train(was)
-    old = torch.where(resp, rollout.logprobs.float(), 0.0)
     ref = torch.where(resp, ref.float().to(device), 0.0)
-    kl = torch.where(resp, estimate(old, ref, cfg.kl_estimator), 0.0)
     n_valid = max(int(valid.sum()), 1)
-    stats = {
-        "score": float(scores[valid.cpu()].sum()) / n_valid,
-        "score_std": float(scores[valid.cpu()].std()) if int(valid.sum()) > 1 else 0.0,
-        f"kl/{cfg.kl_estimator}": float(masked_sum(kl, resp, dim=-1).sum()) / n_valid,
-        "kl/k1": float(masked_sum(k1(old, ref), resp, dim=-1).sum()) / n_valid,
-        "kl/k3": float(masked_sum(k3(old, ref), resp, dim=-1).sum()) / n_valid,
-        "response_length": float(resp.sum()) / n_valid,
-        "finished_fraction": float(rollout.finished.float().mean()),
-        "num_skipped": float(rewards.num_skipped),
-        "gen_s": gen_s,
-        "reward_s": reward_s,
-    }
-    return Experience(
+    exp = Experience(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         prompt_length=p,
         response_mask=resp,
-        old_logprobs=old,
+        old_logprobs=None,
         ref_logprobs=ref,
-        kl=kl,
+        kl=None,
         scores=scores.to(device),
         valid=valid,
         prompts=prompts,
         completions=completions,
         finished=rollout.finished,
         values=None if values is None else torch.where(resp, values.float(), 0.0),
-        stats=stats,
     )
+    exp.stats = {
+        "score": float(scores[valid.cpu()].sum()) / n_valid,
+        "score_std": float(scores[valid.cpu()].std()) if int(valid.sum()) > 1 else 0.0,
+        "response_length": float(resp.sum()) / n_valid,
+        "finished_fraction": float(rollout.finished.float().mean()),
+        "num_skipped": float(rewards.num_skipped),
+        "gen_s": gen_s,
+        "reward_s": reward_s,
+    }
+    if rollout.logprobs is not None:
+        exp.old_logprobs = torch.where(resp, rollout.logprobs.float(), 0.0)
+        exp.stats.update(kl_stats(exp, cfg.kl_estimator))
+    return exp
+
+
+def kl_stats(exp: Experience, estimator: Estimator) -> dict[str, float]:
+    """Fill ``exp.kl`` (per-token KL(π_old‖π_ref), the named estimator) from ``exp.old_logprobs``
+    and return the per-response means of it, of k1 and of k3."""
+    if exp.old_logprobs is None:
+        raise ValueError("the behaviour log-probs are not known yet")
+    resp, old, ref = exp.response_mask, exp.old_logprobs, exp.ref_logprobs
+    exp.kl = torch.where(resp, estimate(old, ref, estimator), 0.0)
+    n_valid = max(int(exp.valid.sum()), 1)
+    return {
+        f"kl/{estimator}": float(masked_sum(exp.kl, resp, dim=-1).sum()) / n_valid,
+        "kl/k1": float(masked_sum(k1(old, ref), resp, dim=-1).sum()) / n_valid,
+        "kl/k3": float(masked_sum(k3(old, ref), resp, dim=-1).sum()) / n_valid,
+    }
 
 
 @torch.no_grad()
@@ -369,7 +395,7 @@ def shaped_token_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Te
     """(N, R) per-token rewards: −β·KL_t on every response token (``kl_in="reward"``), plus the
     score on the last one (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020)."""
     resp = exp.response_mask
-    rewards = torch.zeros_like(exp.kl)
+    rewards = torch.zeros_like(exp.ref_logprobs)
     if kl_in == "reward" and beta > 0:
         rewards = rewards - beta * exp.kl
     last = (resp.long().cumsum(-1) == resp.sum(-1, keepdim=True)) & resp  # (N, R) last token
@@ -441,6 +467,7 @@ def train_loop(
     optimizer_steps_per_iteration: int = 1,
     states: dict[str, Any] | None = None,
     after_update: Callable[[RLSession, Experience, dict[str, float]], None] | None = None,
+    behaviour_logprobs: bool = True,
 ) -> dict[str, float]:
     """The on-policy loop every LM RL trainer runs; the algorithm is ``update``.
 
@@ -460,6 +487,8 @@ def train_loop(
         optimizer_steps_per_iteration: for the LR schedule's length.
         states: extra resumable state, by name.
         after_update: called after ``update`` with the iteration's metrics (may add to them).
+        behaviour_logprobs: run the behaviour forward in the rollout; False when ``update``
+            fills ``experience.old_logprobs`` from its first forward (one on-policy step).
     """
     states = dict(states or {})
     reward_fn = make_reward_fn(cfg)
@@ -508,6 +537,7 @@ def train_loop(
                 cfg,
                 acc.autocast,
                 module if head is not None else None,
+                behaviour_logprobs=behaviour_logprobs,
             )
             beta = controller.beta
             metrics = dict(exp.stats)
@@ -517,6 +547,8 @@ def train_loop(
                     model, reference, exp, cfg.exact_kl_samples, cfg.temperature
                 )
             metrics.update(update(session, exp, beta, step))
+            if exp.kl is None:  # the update supplied the behaviour log-probs
+                metrics.update(kl_stats(exp, cfg.kl_estimator))
             if after_update is not None:
                 after_update(session, exp, metrics)
             controller.update(max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=exp.size)
