@@ -4,6 +4,8 @@ tether env                                   versions and devices, for bug repor
 tether train ALGO [--config r.yaml] [key=value ...] [--print-config | --help-config]
 tether plot RUN_DIR [--out file.png] [--keys a,b]
 tether bon --model M --prompts FILE [--reward vader] [--n 8] [--out picks.jsonl] [...]
+tether control {ppo,ppo_penalty,trpo} [--env CartPole-v1] [--config r.yaml] [key=value ...]
+tether control eval RUN_DIR [--episodes 10] [--stochastic]
 """
 
 from __future__ import annotations
@@ -167,6 +169,77 @@ def _bon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace) -> int:
+    """Train a control policy (ppo | ppo_penalty | trpo) on a gymnasium task, or evaluate one."""
+    if args.algo == "eval":
+        return _control_eval(args)
+    from tether.runs.config import ConfigError, describe_config, dump_config, load_config
+
+    try:
+        from tether.control import ALGORITHMS, train
+    except ImportError as exc:
+        print(f"tether control: error: {exc}", file=sys.stderr)
+        return 2
+    if args.algo not in ALGORITHMS:
+        known = ", ".join([*ALGORITHMS, "eval"])
+        print(f"tether control: error: unknown {args.algo!r}; one of: {known}", file=sys.stderr)
+        return 2
+    cls = ALGORITHMS[args.algo]
+    if args.help_config:
+        print(describe_config(cls))
+        return 0
+    overrides = list(args.overrides)
+    if args.env:
+        overrides.insert(0, f"env={args.env}")
+    try:
+        config = load_config(cls, args.config, overrides)
+    except ConfigError as exc:
+        print(f"tether control: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    try:
+        final = train(config)
+    except (ValueError, ImportError) as exc:
+        print(f"tether control: error: {exc}", file=sys.stderr)
+        return 2
+    shown = ("env_steps", "episode_return", "eval_return", "fps")
+    print(" ".join(f"{k}={final[k]:.6g}" for k in shown if k in final))
+    return 0
+
+
+def _control_eval(args: argparse.Namespace) -> int:
+    import statistics
+
+    if len(args.overrides) != 1 or "=" in args.overrides[0]:
+        print("tether control eval: error: give one RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        from tether.control import evaluate_policy, load_run
+
+        cfg, policy, obs_norm = load_run(args.overrides[0])
+        returns = evaluate_policy(
+            policy,
+            obs_norm,
+            args.env or cfg.env,
+            args.episodes,
+            args.seed,
+            cfg.env_kwargs,
+            deterministic=not args.stochastic,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"tether control eval: error: {exc}", file=sys.stderr)
+        return 2
+    mode = "stochastic" if args.stochastic else "deterministic"
+    std = statistics.pstdev(returns)
+    print(
+        f"{cfg.env}: mean return {statistics.fmean(returns):.2f} ± {std:.2f} "
+        f"over {len(returns)} {mode} episodes"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -251,6 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     bon.add_argument("--out", metavar="JSONL", help="write one line per prompt with its pick")
     bon.set_defaults(func=_bon)
+
+    control = sub.add_parser(
+        "control",
+        help="PPO / PPO-penalty / TRPO on gymnasium tasks: tether control ALGO --env ID",
+        description="Train ALGO (ppo, ppo_penalty, trpo) on a gymnasium environment, or "
+        "`tether control eval RUN_DIR` to run a saved policy. Overrides as for `tether train`.",
+    )
+    control.add_argument("algo", metavar="ALGO", help="ppo | ppo_penalty | trpo | eval")
+    control.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    control.add_argument("--env", help="gymnasium environment id (same as env=ID)")
+    control.add_argument("-c", "--config", metavar="YAML", help="a YAML recipe for ALGO's config")
+    control.add_argument("--print-config", action="store_true", help="print the config and exit")
+    control.add_argument("--help-config", action="store_true", help="list the config fields")
+    control.add_argument(
+        "--episodes", type=int, default=10, help="eval: episodes (default: %(default)s)"
+    )
+    control.add_argument("--seed", type=int, default=0, help="eval: first episode's seed")
+    control.add_argument(
+        "--stochastic", action="store_true", help="eval: sample actions instead of the mode"
+    )
+    control.set_defaults(func=_control)
     return parser
 
 
@@ -262,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `train ALGO a=1 --config r.yaml b=2` leaves b=2 unparsed: collect such words as overrides.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) != "train" or any(e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("train", "control") or any(
+            e.startswith("-") for e in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):

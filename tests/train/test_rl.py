@@ -154,6 +154,33 @@ def test_collect_behaviour_logprobs_are_the_policy_and_kl_is_zero_at_start(tiny_
     )
 
 
+def test_collect_samples_from_the_synced_copy_and_scores_with_the_model(tiny_dir, prompts):
+    from tether.data import load_prompt_dataset
+    from tether.models import forward_logprobs
+    from tether.models.rollout import RolloutWeights
+    from tether.rewards import make_reward
+
+    pol = load_policy(str(tiny_dir))
+    cfg = PPOConfig(**_base(tiny_dir, prompts, "unused", num_generations=2, batch_size=3))
+    data = list(load_prompt_dataset(str(prompts), pol.tokenizer))[:3]
+    ref = CopyReference(pol.model)
+    copy = RolloutWeights(pol.model, torch.bfloat16)
+    with torch.no_grad():  # the policy moves after the copy was made (an optimizer step)
+        for p in pol.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exp = collect(
+        pol.model, pol.tokenizer, ref, make_reward(REWARD), data, cfg, sampler_weights=copy
+    )
+    for p, q in zip(pol.model.parameters(), copy.model.parameters(), strict=True):
+        assert torch.equal(q, p.detach().to(torch.bfloat16))  # collect synced it first
+    p = exp.prompt_length
+    out = forward_logprobs(
+        pol.model, exp.input_ids, exp.attention_mask, mask=full_logprob_mask(exp.response_mask, p)
+    )
+    m = exp.response_mask
+    torch.testing.assert_close(out.logprobs[:, p - 1 :][m], exp.old_logprobs[m], atol=1e-5, rtol=0)
+
+
 # -- trainers -------------------------------------------------------------------------------------
 
 
@@ -286,7 +313,7 @@ def test_trpo_step_respects_delta_measured_independently(tiny_dir, prompts):
                 p.copy_(t)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "grpo-bf16-rollout"])
 def test_resume_equals_uninterrupted(tiny_dir, prompts, tmp_path, algo):
     from safetensors.torch import load_file
 
@@ -294,6 +321,8 @@ def test_resume_equals_uninterrupted(tiny_dir, prompts, tmp_path, algo):
     kw = dict(batch_size=4, num_generations=2, save_steps=2, exact_kl_samples=0)
     if algo == "ppo":
         kw.update(kl_controller="adaptive", kl_target=0.5)
+    if algo == "grpo-bf16-rollout":  # the sampling copy is rebuilt on resume and synced
+        kw.update(rollout_dtype="bf16")
     fn(cls(**_base(tiny_dir, prompts, tmp_path / "full", max_steps=4, **kw)))
     fn(cls(**_base(tiny_dir, prompts, tmp_path / "half", max_steps=2, **kw)))
     fn(cls(**_base(tiny_dir, prompts, tmp_path / "half", max_steps=4, resume=True, **kw)))

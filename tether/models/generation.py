@@ -97,6 +97,7 @@ def generate(
     generator_seed: int | None = None,
     compute_logprobs: bool = True,
     compute_sampler_logprobs: bool = True,
+    sampler: Any = None,
 ) -> Rollout:
     """Sample one response per prompt with the KV cache and recompute behaviour log-probs.
 
@@ -110,10 +111,13 @@ def generate(
             skips that forward, for a caller whose first training forward at θ_old gives them).
         compute_sampler_logprobs: keep the sampler's processed scores to return
             ``sampler_logprobs`` (costs B·R·V floats while generating; False skips it).
+        sampler: the model that draws the tokens, if not ``model`` (e.g. the half-precision
+            copy of :class:`tether.models.rollout.RolloutWeights`); the behaviour log-probs
+            still come from ``model``'s training forward.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    gen_model = model
+    gen_model = model if sampler is None else sampler
     if hasattr(gen_model, "module"):
         gen_model = gen_model.module
     device = next(unwrap_model(model).parameters()).device

@@ -25,6 +25,7 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
+from tether.models.rollout import ROLLOUT_DTYPE_HELP, RolloutDtype, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import make_reward, validate_rewards
 from tether.runs import Progress, RunDir
@@ -38,6 +39,7 @@ from tether.train.common import (
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
+    resolve_mixed_precision,
 )
 from tether.train.dpo import sequence_logps
 
@@ -56,6 +58,7 @@ class OnlineDPOConfig(TrainConfig):
     temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
     top_k: int = option(0, help="Top-k sampling (0: off).")
     top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
+    rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     beta: float = option(0.1, help="β (initial β for linear/adaptive schedules).")
     beta_schedule: Literal["constant", "linear", "adaptive"] = option(
         "constant", help="How β changes: constant, linear to beta_end, or adaptive to kl_target."
@@ -166,6 +169,9 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         reference.load_state_dict(states["reference"])
         controller.load_state_dict(states["beta"])
 
+    sampler = rollout_weights(
+        model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision)
+    )
     final: dict[str, float] = {}
     window: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -176,8 +182,16 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             examples = [data[i] for i in cursor.next_indices()]
             prompt_ids = [e.prompt_ids for e in examples for _ in range(2)]
             t_gen = time.perf_counter()
+            if sampler is not None:
+                sampler.sync()
             with acc.autocast():  # behaviour log-probs in the precision the reference runs in
-                rollout = generate(model, tok, prompt_ids, sampling)
+                rollout = generate(
+                    model,
+                    tok,
+                    prompt_ids,
+                    sampling,
+                    sampler=None if sampler is None else sampler.model,
+                )
             gen_s = time.perf_counter() - t_gen
             texts = [
                 tok.decode(

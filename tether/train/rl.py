@@ -32,6 +32,12 @@ from tether.core.masked import masked_mean, masked_sum
 from tether.data import PromptExample, load_prompt_dataset
 from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
 from tether.models.logprobs import unwrap_model
+from tether.models.rollout import (
+    ROLLOUT_DTYPE_HELP,
+    RolloutDtype,
+    RolloutWeights,
+    rollout_weights,
+)
 from tether.reference import ReferencePolicy, make_reference
 from tether.rewards import RewardFn, make_reward, validate_rewards
 from tether.runs import Progress, RunDir
@@ -44,6 +50,7 @@ from tether.train.common import (
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
+    resolve_mixed_precision,
 )
 
 KLPlacement = Literal["reward", "loss", "none"]
@@ -85,6 +92,7 @@ class RLConfig(TrainConfig):
     reference: Literal["copy", "adapter"] = option(
         "copy", help="Reference: frozen copy, or the base model with LoRA disabled."
     )
+    rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     exact_kl_samples: int = option(
         2, help="Responses per iteration on which the exact (full-vocabulary) KL is computed."
     )
@@ -263,6 +271,7 @@ def collect(
     autocast: Any = contextlib.nullcontext,
     value_module: PolicyWithValue | None = None,
     behaviour_logprobs: bool = True,
+    sampler_weights: RolloutWeights | None = None,
 ) -> Experience:
     """Sample G completions per prompt, score them, and measure the KL to the reference.
 
@@ -270,11 +279,17 @@ def collect(
     the importance ratio of the first update is 1 up to the summation order. With
     ``behaviour_logprobs=False`` the behaviour forward is skipped (``old_logprobs`` and ``kl`` are
     None): for a single on-policy update whose first training forward, at θ_old, supplies them
-    (the caller then fills them and calls :func:`kl_stats`).
+    (the caller then fills them and calls :func:`kl_stats`). With ``sampler_weights``, its
+    half-precision copy of the weights is refreshed and draws the tokens; the behaviour
+    log-probs still come from ``model``.
     """
     prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
     prompts = [e.prompt for e in examples for _ in range(cfg.num_generations)]
     t0 = time.perf_counter()
+    sampler = None
+    if sampler_weights is not None:
+        sampler_weights.sync()
+        sampler = sampler_weights.model
     with autocast():
         rollout = generate(
             model,
@@ -283,6 +298,7 @@ def collect(
             sampling_config(cfg),
             compute_logprobs=behaviour_logprobs,
             compute_sampler_logprobs=False,
+            sampler=sampler,
         )
     gen_s = time.perf_counter() - t0
     resp = rollout.response_mask
@@ -520,6 +536,9 @@ def train_loop(
         for name, obj in stateful.items():
             obj.load_state_dict(restored[name])
     session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference)
+    sampler_weights = rollout_weights(
+        model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision)
+    )
 
     final: dict[str, float] = {}
     with Progress(
@@ -538,6 +557,7 @@ def train_loop(
                 acc.autocast,
                 module if head is not None else None,
                 behaviour_logprobs=behaviour_logprobs,
+                sampler_weights=sampler_weights,
             )
             beta = controller.beta
             metrics = dict(exp.stats)
