@@ -9,8 +9,9 @@ one torch thread, each run in a fresh subprocess, one after another.
 Both libraries' environments are wrapped by the same episode recorder, so "time to threshold" is
 measured identically: the wall-clock seconds (and environment steps) from the start of training
 to the end of the first episode at which the mean return of the last ``--window`` episodes reaches
-the threshold (CartPole-v1 475, Acrobot-v1 −100, Pendulum-v1 −200). The final return is the mean
-of 10 deterministic evaluation episodes after the budget.
+the threshold (CartPole-v1 475, Acrobot-v1 −100, Pendulum-v1 −200); a seed that never reaches it
+counts as its whole budget (steps and seconds) in the medians over seeds. The final return is the
+mean of 10 deterministic evaluation episodes after the budget.
 
     python benchmarks/control_vs_sb3.py                       # 3 envs × {ppo, trpo} × 3 seeds
     python benchmarks/control_vs_sb3.py --envs CartPole-v1 --seeds 0 --algos ppo   # one pair

@@ -2,6 +2,7 @@
 MLP, the three algorithms solving CartPole, the β rule, the CLI, and a continuous-action run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,6 +251,8 @@ def test_cli_trains_evaluates_resumes_and_names_bad_input(tmp_path, capsys):
     assert json.loads((out / "control.json").read_text())["algorithm"] == "ppo"
     assert main(["control", "eval", str(out), "--episodes", "3"]) == 0
     assert "over 3 deterministic episodes" in capsys.readouterr().out
+    assert main(["plot", str(out), "--keys", "episode_return,kl_old_new"]) == 0
+    assert (out / "metrics.png").stat().st_size > 0
     # resume continues the step and env-step counts
     assert main([*args[:-2], "max_steps=4", "eval_episodes=0", "resume=true"]) == 0
     rows = _rows(out)
@@ -288,3 +291,20 @@ def test_continuous_actions_pendulum_learns_something(tmp_path):
     assert all(np.isfinite(r["policy_loss"]) for r in rows)
     assert rows[-1]["entropy"] != rows[0]["entropy"]  # log σ is trained
     assert final["eval_return"] > -1600  # a random policy scores ≈ −1200 ± 300 on average
+
+
+CONTROL_RECIPES = sorted((Path(__file__).parents[2] / "recipes" / "control").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONTROL_RECIPES, ids=lambda p: p.stem)
+def test_control_recipe_loads_and_runs(path, tmp_path):
+    from tether.control import ALGORITHMS
+    from tether.runs.config import load_config
+
+    algo = path.stem.split("-")[0]
+    cfg = load_config(ALGORITHMS[algo], path)
+    assert cfg.output_dir.startswith("runs/control/")
+    out = tmp_path / "run"
+    argv = ["control", algo, "-c", str(path), f"output_dir={out}", "total_timesteps=0"]
+    assert main([*argv, "max_steps=1", "eval_episodes=1"]) == 0
+    assert [r["step"] for r in _rows(out)] == [1]
