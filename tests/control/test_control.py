@@ -260,6 +260,8 @@ def test_cli_trains_evaluates_resumes_and_names_bad_input(tmp_path, capsys):
     assert rows[-1]["env_steps"] == 4 * 128
     assert main(["control", "ppo", "--env", "NoSuchEnv-v0", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "NoSuchEnv-v0" in capsys.readouterr().err
+    assert main(["control", "ppo", "--env", "FrozenLake-v1", f"output_dir={tmp_path / 'y'}"]) == 2
+    assert "flat Box observation space" in capsys.readouterr().err
     assert main(["control", "sac"]) == 2
     assert "ppo, ppo_penalty, trpo, eval" in capsys.readouterr().err
     assert main(["control", "ppo", "batch_size=4096", "n_envs=2", "n_steps=8"]) == 2

@@ -68,5 +68,8 @@ def test_rollout_weights_setting():
     assert rollout_weights(peft, "auto", "bf16") is None  # LoRA: sample with the model
     with pytest.raises(ValueError, match="PEFT"):
         rollout_weights(peft, "bf16", "bf16")
+    assert rollout_weights(model, "auto", "bf16", sharded=True) is None  # FSDP / ZeRO-3
+    with pytest.raises(ValueError, match="sharded"):
+        rollout_weights(model, "bf16", "bf16", sharded=True)
     with pytest.raises(ValueError, match="rollout_dtype must be"):
         rollout_weights(model, "int8", "bf16")

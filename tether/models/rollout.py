@@ -28,6 +28,8 @@ from torch import nn
 from tether.models.logprobs import unwrap_model
 
 RolloutDtype = Literal["auto", "train", "bf16", "fp16"]
+SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
+"""accelerate distributed types whose parameters are sharded (``str(acc.distributed_type)``)."""
 ROLLOUT_DTYPE_HELP = (
     "Sample from a bf16/fp16 copy of the weights refreshed every rollout (auto: when mixed "
     "precision is bf16/fp16 and no LoRA), or from the training model (train)."
@@ -89,7 +91,9 @@ class RolloutWeights:
             d.copy_(s)
 
 
-def rollout_weights(model: Any, setting: str, precision: str) -> RolloutWeights | None:
+def rollout_weights(
+    model: Any, setting: str, precision: str, sharded: bool = False
+) -> RolloutWeights | None:
     """The rollout copy a run asks for, or None to sample with the training model.
 
     Args:
@@ -97,16 +101,24 @@ def rollout_weights(model: Any, setting: str, precision: str) -> RolloutWeights 
         setting: ``auto`` (a copy in the autocast dtype when mixed precision is bf16/fp16 and the
             model is not PEFT), ``train`` (never copy), ``bf16``/``fp16`` (always copy).
         precision: the run's resolved mixed precision (``no`` | ``bf16`` | ``fp16``).
+        sharded: the parameters are sharded across processes (FSDP, DeepSpeed ZeRO-3): a copy
+            would hold one shard, so ``auto`` samples with the model and an explicit dtype is an
+            error.
     """
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if setting == "train":
         return None
     if setting == "auto":
-        if precision not in dtypes or is_peft_model(model):
+        if precision not in dtypes or is_peft_model(model) or sharded:
             return None
         return RolloutWeights(model, dtypes[precision])
     if setting not in dtypes:
         raise ValueError(f"rollout_dtype must be auto, train, bf16 or fp16, got {setting!r}")
+    if sharded:
+        raise ValueError(
+            f"rollout_dtype={setting} copies the weights, which sharded (FSDP/DeepSpeed) "
+            "parameters do not allow; use rollout_dtype=auto or train"
+        )
     if is_peft_model(model):
         raise ValueError(
             f"rollout_dtype={setting} copies the weights, which PEFT models do not support; "

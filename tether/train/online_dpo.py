@@ -25,7 +25,12 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
-from tether.models.rollout import ROLLOUT_DTYPE_HELP, RolloutDtype, rollout_weights
+from tether.models.rollout import (
+    ROLLOUT_DTYPE_HELP,
+    SHARDED,
+    RolloutDtype,
+    rollout_weights,
+)
 from tether.reference import make_reference
 from tether.rewards import make_reward, validate_rewards
 from tether.runs import Progress, RunDir
@@ -170,7 +175,10 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         controller.load_state_dict(states["beta"])
 
     sampler = rollout_weights(
-        model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision)
+        model,
+        cfg.rollout_dtype,
+        resolve_mixed_precision(cfg.mixed_precision),
+        sharded=str(acc.distributed_type) in SHARDED,
     )
     final: dict[str, float] = {}
     window: list[dict[str, float]] = []

@@ -34,6 +34,7 @@ from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
 from tether.models.logprobs import unwrap_model
 from tether.models.rollout import (
     ROLLOUT_DTYPE_HELP,
+    SHARDED,
     RolloutDtype,
     RolloutWeights,
     rollout_weights,
@@ -537,7 +538,10 @@ def train_loop(
             obj.load_state_dict(restored[name])
     session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference)
     sampler_weights = rollout_weights(
-        model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision)
+        model,
+        cfg.rollout_dtype,
+        resolve_mixed_precision(cfg.mixed_precision),
+        sharded=str(acc.distributed_type) in SHARDED,
     )
 
     final: dict[str, float] = {}
