@@ -42,7 +42,8 @@ from tether.core.trust_region import (
 
 @dataclass
 class Batch:
-    """One rollout, flattened to N samples (time-major within each environment is not kept)."""
+    """One rollout, flattened to N = n_envs·n_steps samples, environment-major (sample i·T + t is
+    environment i's step t)."""
 
     obs: Tensor  # (N, obs_dim) normalised observations the policy saw
     actions: Tensor  # (N,) or (N, d)

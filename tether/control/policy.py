@@ -58,13 +58,6 @@ class DistParams:
     def _tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         return self.logits, self.mean, self.log_std
 
-    def index(self, idx: Tensor) -> DistParams:
-        """The rows ``idx`` (log σ is shared by every row)."""
-        if self.logits is not None:
-            return DistParams(logits=self.logits[idx])
-        assert self.mean is not None
-        return DistParams(mean=self.mean[idx], log_std=self.log_std)
-
     def log_prob(self, actions: Tensor) -> Tensor:
         """(B,) log π(a | s)."""
         if self.logits is not None:
