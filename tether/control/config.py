@@ -19,6 +19,13 @@ from tether.runs.config import RunConfig, option
 class ControlConfig(RunConfig):
     """What every control trainer shares: environments, rollout, networks, normalisation."""
 
+    output_dir: str = option(
+        "runs/control",
+        help="Run directory: config.yaml, metrics.jsonl, control.json, checkpoints/.",
+    )
+    max_steps: int = option(
+        100, help="Rollouts (iterations) to train for; total_timesteps > 0 sets it instead."
+    )
     env: str = option("CartPole-v1", help="gymnasium environment id.")
     env_kwargs: dict[str, Any] | None = option(None, help="Extra gymnasium.make arguments.")
     n_envs: int = option(8, help="Environments stepped per rollout.")
