@@ -163,46 +163,25 @@ def test_trpo_accepted_steps_stay_in_the_trust_region_measured_independently():
 
 # -- the algorithms solve CartPole (fixed seeds; each well under a minute on 2 cores) ------------
 
-SOLVE = dict(target_return=195.0, return_window=100, eval_episodes=10, seed=0)
+SOLVE = [
+    "target_return=195",
+    "return_window=100",
+    "eval_episodes=10",
+    "seed=0",
+    "total_timesteps=100000",
+    "logging_steps=1",
+]
+RECIPES_DIR = Path(__file__).parents[2] / "recipes" / "control"
 
 
-@pytest.mark.parametrize(
-    "cls, kw",
-    [
-        (
-            PPOControlConfig,
-            dict(
-                n_envs=8,
-                n_steps=32,
-                batch_size=256,
-                n_epochs=20,
-                gamma=0.98,
-                gae_lambda=0.8,
-                learning_rate=1e-3,
-                lr_schedule="linear",
-                clip_schedule="linear",
-            ),
-        ),
-        (
-            PPOPenaltyControlConfig,
-            dict(
-                n_envs=8,
-                n_steps=32,
-                batch_size=256,
-                n_epochs=20,
-                gamma=0.98,
-                gae_lambda=0.8,
-                learning_rate=1e-3,
-            ),
-        ),
-        (TRPOControlConfig, dict(n_envs=2, n_steps=512, gamma=0.99, gae_lambda=0.98)),
-    ],
-    ids=["ppo", "ppo_penalty", "trpo"],
-)
-def test_cartpole_reaches_195(cls, kw, tmp_path):
-    cfg = cls(
-        output_dir=str(tmp_path / "run"), env="CartPole-v1", total_timesteps=100_000, **kw, **SOLVE
-    )
+@pytest.mark.parametrize("algo", ["ppo", "ppo_penalty", "trpo"])
+def test_cartpole_reaches_195(algo, tmp_path):
+    """The shipped CartPole recipes, stopped once the last 100 episodes average ≥ 195."""
+    from tether.control import ALGORITHMS
+    from tether.runs.config import load_config
+
+    recipe = RECIPES_DIR / f"{algo}-cartpole.yaml"
+    cfg = load_config(ALGORITHMS[algo], recipe, [f"output_dir={tmp_path / 'run'}", *SOLVE])
     final = train(cfg)
     assert final["episode_return"] >= 195.0, final  # mean of the last 100 training episodes
     assert final["env_steps"] < 100_000  # reached before the budget ran out

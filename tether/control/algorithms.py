@@ -29,7 +29,7 @@ from tether.control.config import (
 from tether.control.envs import EnvPool
 from tether.control.normalize import ObsNormalizer, RewardScaler
 from tether.control.policy import ControlPolicy, DistParams
-from tether.core.advantages import gae_recursion
+from tether.core.advantages import gae_recursion, whiten_advantages
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
 from tether.core.trust_region import (
     conjugate_gradient,
@@ -136,9 +136,11 @@ def collect_rollout(
 
 
 def _whiten(x: Tensor) -> Tensor:
+    """Advantages whitened over the batch (:func:`tether.core.advantages.whiten_advantages`);
+    a single sample is left as it is (its variance is undefined)."""
     if x.numel() < 2:
         return x
-    return (x - x.mean()) / (x.std() + 1e-8)
+    return whiten_advantages(x, torch.ones_like(x, dtype=torch.bool))
 
 
 def explained_variance(pred: Tensor, target: Tensor) -> float:

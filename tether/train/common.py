@@ -20,6 +20,7 @@ from tether.models.checkpointing import (
     autocast_kwargs,
     enable_activation_checkpointing,
 )
+from tether.models.rollout import ROLLOUT_DTYPE_HELP, RolloutDtype
 from tether.runs.config import RunConfig, option
 
 
@@ -69,6 +70,20 @@ class TrainConfig(RunConfig):
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.gradient_accumulation_steps
+
+
+@dataclass
+class SamplingTrainConfig(TrainConfig):
+    """Fields of the trainers that sample from the policy (the RL trainers, online DPO)."""
+
+    prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
+    as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
+    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
+    max_new_tokens: int = option(48, help="Response length cap R.")
+    temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
+    top_k: int = option(0, help="Top-k sampling (0: off).")
+    top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
+    rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
 
 
 @dataclass

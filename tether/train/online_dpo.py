@@ -25,12 +25,7 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
-from tether.models.rollout import (
-    ROLLOUT_DTYPE_HELP,
-    SHARDED,
-    RolloutDtype,
-    rollout_weights,
-)
+from tether.models.rollout import SHARDED, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import make_reward, validate_rewards
 from tether.runs import Progress, RunDir
@@ -38,7 +33,7 @@ from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
     PolicyLogProbs,
-    TrainConfig,
+    SamplingTrainConfig,
     load_trainable_policy,
     make_accelerator,
     make_optimizer,
@@ -50,20 +45,12 @@ from tether.train.dpo import sequence_logps
 
 
 @dataclass
-class OnlineDPOConfig(TrainConfig):
+class OnlineDPOConfig(SamplingTrainConfig):
     """Online DPO: sample pairs from the policy, judge them, update."""
 
-    prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
-    as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
-    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
     judge: str = option(
         "vader", help="Reward: built-in name, reward-model dir, or module:function."
     )
-    max_new_tokens: int = option(48, help="Response length cap.")
-    temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
-    top_k: int = option(0, help="Top-k sampling (0: off).")
-    top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
-    rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     beta: float = option(0.1, help="β (initial β for linear/adaptive schedules).")
     beta_schedule: Literal["constant", "linear", "adaptive"] = option(
         "constant", help="How β changes: constant, linear to beta_end, or adaptive to kl_target."

@@ -32,20 +32,14 @@ from tether.core.masked import masked_mean, masked_sum
 from tether.data import PromptExample, load_prompt_dataset
 from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
 from tether.models.logprobs import unwrap_model
-from tether.models.rollout import (
-    ROLLOUT_DTYPE_HELP,
-    SHARDED,
-    RolloutDtype,
-    RolloutWeights,
-    rollout_weights,
-)
+from tether.models.rollout import SHARDED, RolloutWeights, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
 from tether.rewards import RewardFn, make_reward, validate_rewards
 from tether.runs import Progress, RunDir
 from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
-    TrainConfig,
+    SamplingTrainConfig,
     load_trainable_policy,
     make_accelerator,
     make_optimizer,
@@ -58,12 +52,9 @@ KLPlacement = Literal["reward", "loss", "none"]
 
 
 @dataclass
-class RLConfig(TrainConfig):
+class RLConfig(SamplingTrainConfig):
     """Fields every on-policy LM trainer shares. ``batch_size`` is prompts per iteration."""
 
-    prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
-    as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
-    max_prompt_length: int = option(256, help="Max prompt tokens; a longer prompt is an error.")
     reward: str = option(
         "vader", help="Reward: built-in name, reward-model dir, or module:function."
     )
@@ -71,10 +62,6 @@ class RLConfig(TrainConfig):
         "raise", help="A NaN/inf reward: raise (naming the sample) or skip the sample and count it."
     )
     num_generations: int = option(1, help="G: completions sampled per prompt.")
-    max_new_tokens: int = option(48, help="Response length cap R.")
-    temperature: float = option(1.0, help="Sampling temperature (the policy is π_θ at it).")
-    top_k: int = option(0, help="Top-k sampling (0: off).")
-    top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
     kl_in: KLPlacement = option(
         "reward", help="Where the reference KL goes: reward (shaped), loss (β·ρ·k), or none."
     )
@@ -93,7 +80,6 @@ class RLConfig(TrainConfig):
     reference: Literal["copy", "adapter"] = option(
         "copy", help="Reference: frozen copy, or the base model with LoRA disabled."
     )
-    rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     exact_kl_samples: int = option(
         2, help="Responses per iteration on which the exact (full-vocabulary) KL is computed."
     )
