@@ -200,6 +200,40 @@ def loss_term(
     return rho * estimate(logp, ref_logp, estimator)
 
 
+def anchored_ref_logp(ref_logp: Tensor, kl_logp: Tensor, behaviour_logp: Tensor) -> Tensor:
+    """The reference log-prob carried into the training forward's numerics, for a KL in a loss.
+
+    A KL term in the loss needs log r = log π_ref − log π_θ with log π_θ from the training forward
+    (it carries the gradient), which under bf16 autocast has rounding noise that does not cancel
+    against a reference computed elsewhere (see :mod:`tether.models.numerics`). Split the
+    log-ratio at the behaviour policy π_old::
+
+        log π_ref − log π_θ = [log π_ref − log π_old]_kl + [log π_old − log π_θ]_train
+
+    The first bracket is measured in the KL's numerics (fp32: ``ref_logp`` and ``kl_logp``, both
+    π_old's and π_ref's log-probs of the same tokens), the second in the training numerics, where
+    it is the PPO log-ratio and exactly 0 on the first, on-policy forward. This returns
+    ``behaviour_logp + ref_logp − kl_logp``, so that passing it as the reference to
+    :func:`loss_term` gives that split log-ratio, with the gradient through ``logp`` unchanged.
+    When ``kl_logp`` is the behaviour log-prob itself (``kl_precision="train"``) it is
+    ``ref_logp``.
+
+    Args:
+        ref_logp: (B, T) log π_ref of the sampled tokens, KL numerics.
+        kl_logp: (B, T) log π_old of the same tokens, KL numerics.
+        behaviour_logp: (B, T) log π_old of the same tokens, training numerics.
+
+    Returns:
+        (B, T) float32 (float64 for float64 input), detached.
+    """
+    if not ref_logp.shape == kl_logp.shape == behaviour_logp.shape:
+        raise ValueError(
+            f"ref_logp {tuple(ref_logp.shape)}, kl_logp {tuple(kl_logp.shape)} and "
+            f"behaviour_logp {tuple(behaviour_logp.shape)} must have the same shape"
+        )
+    return (_acc(behaviour_logp) + (_acc(ref_logp) - _acc(kl_logp))).detach()
+
+
 # --------------------------------------------------------------------------------------------
 # Exact KL over the full vocabulary
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ whatever per-sequence log-probs it wants scored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -204,6 +205,45 @@ def _ppo_stats(
     return frac, kl, ratio
 
 
+def truncated_importance_weights(
+    trainer_logp: Tensor, sampler_logp: Tensor, cap: float, mask: Tensor
+) -> Tensor:
+    """Truncated importance sampling (TIS) weights between the sampler and the trainer, per token.
+
+    When the tokens are drawn by a different numerical copy of the policy (a bf16 rollout copy,
+    an inference engine) than the one whose log-probs the loss uses, the policy gradient is
+    off-policy by the ratio π_trainer(x)/π_sampler(x). TIS (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; veRL ``tis_imp_ratio_cap``, TRL's
+    ``vllm_importance_sampling_correction`` in token-truncate mode) multiplies each token's
+    policy-gradient term by w = min(π_trainer/π_sampler, C), detached: unbiased where the ratio is
+    below C, with bounded variance.
+
+    Args:
+        trainer_logp: (B, T) log π_old of the sampled tokens from the training forward.
+        sampler_logp: (B, T) log-probs of the same tokens under the sampler's distribution.
+        cap: C > 0, the truncation.
+        mask: (B, T) bool, True on the tokens that count.
+
+    Returns:
+        (B, T) float32 weights, 1 off the mask, detached.
+    """
+    if trainer_logp.shape != sampler_logp.shape or trainer_logp.shape != mask.shape:
+        raise ValueError("trainer_logp, sampler_logp and mask must have the same (B, T) shape")
+    if not cap > 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    log_w = (trainer_logp.float() - sampler_logp.float()).detach()
+    w = log_w.clamp(max=math.log(cap)).exp()
+    return torch.where(mask, w, 1.0)
+
+
+def _check_weights(weights: Tensor, mask: Tensor) -> Tensor:
+    if weights.shape != mask.shape:
+        raise ValueError(
+            f"weights shape {tuple(weights.shape)} does not match the mask's {tuple(mask.shape)}"
+        )
+    return weights.float().detach()
+
+
 def ppo_clip_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -213,6 +253,7 @@ def ppo_clip_loss(
     clip_eps_high: float | None = None,
     aggregation: Aggregation = "token_mean",
     denominator: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO's clipped surrogate, per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A).
 
@@ -228,6 +269,8 @@ def ppo_clip_loss(
         clip_eps_high: ε_high for the upper side.
         aggregation: ``token_mean`` | ``seq_mean`` | ``seq_sum``.
         denominator: global normaliser for micro-batching (see ``aggregate``).
+        weights: optional (B, T) detached per-token weights on the surrogate (e.g.
+            :func:`truncated_importance_weights`); the clip statistics ignore them.
     """
     if not logp.shape == old_logp.shape == advantages.shape == mask.shape:
         raise ValueError("logp, old_logp, advantages and mask must have the same (B, T) shape")
@@ -240,6 +283,8 @@ def ppo_clip_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    if weights is not None:
+        per_token = per_token * _check_weights(weights, mask)
     frac, kl, ratio_mean = _ppo_stats(log_ratio, mask, clipped < unclipped)
     return PolicyLossOutput(
         loss=aggregate(per_token, mask, aggregation, denominator),
@@ -257,6 +302,7 @@ def ppo_penalty_loss(
     beta: float,
     aggregation: Aggregation = "token_mean",
     denominator: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO's KL-penalised surrogate, per token: −ρ·A + β·KL_t(π_old‖π_θ) (arXiv:1707.06347 eq. 8).
 
@@ -271,7 +317,10 @@ def ppo_penalty_loss(
     old = old_logp.float().detach()
     log_ratio = logp.float() - old
     kl_t = k3(old, logp.float())  # (B, T): KL(π_old‖π_θ) per token, differentiable in logp
-    per_token = -log_ratio.exp() * advantages.float().detach() + beta * kl_t
+    surrogate = log_ratio.exp() * advantages.float().detach()
+    if weights is not None:  # on the policy-gradient term only (TIS), not on the KL(old‖θ)
+        surrogate = surrogate * _check_weights(weights, mask)
+    per_token = -surrogate + beta * kl_t
     _, kl, ratio_mean = _ppo_stats(log_ratio, mask)
     return PolicyLossOutput(
         loss=aggregate(per_token, mask, aggregation, denominator),

@@ -25,6 +25,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from tether.data.collate import pad_sequences
 from tether.models.logprobs import forward_logprobs, position_ids_from_mask, unwrap_model
@@ -88,6 +94,39 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> tu
     return before == 0, is_eos.any(-1)
 
 
+class _SamplerLogProbs:
+    """A logits processor, placed after every other one, that records the sampler's log-prob of
+    each token it draws: at each decoding step it gathers the previous step's processed
+    log-softmax (temperature, top-k, top-p applied) at the token that step drew, which is the
+    last column of ``input_ids`` by now. Memory O(B·V) for one step, not O(B·R·V) for the whole
+    rollout as ``output_scores`` keeps."""
+
+    def __init__(self) -> None:
+        self.prev: Tensor | None = None  # (B, V) log-softmax of the last processed scores
+        self.prev_len = 0  # the sequence length when it was taken: its token's column
+        self.gathered: list[Tensor] = []  # (B,) per step
+
+    def _gather(self, ids: Tensor) -> None:
+        if self.prev is not None and ids.shape[1] > self.prev_len:
+            tok = ids[:, self.prev_len]  # (B,) the token drawn from self.prev
+            self.gathered.append(self.prev.gather(-1, tok[:, None]).squeeze(-1))
+            self.prev = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._gather(input_ids)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        self.prev_len = input_ids.shape[1]
+        return scores
+
+    def result(self, sequences: Tensor, prompt_length: int) -> Tensor:
+        """(B, R') log-probs of ``sequences[:, prompt_length:]`` (steps undone by a deferred stop
+        check are dropped)."""
+        self._gather(sequences)
+        r = sequences.shape[1] - prompt_length
+        out = torch.stack(self.gathered, dim=1) if self.gathered else sequences.new_zeros(0)
+        return out[:, :r].float()
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -109,8 +148,8 @@ def generate(
         generator_seed: if given, seeds torch's RNG for this call (reproducible rollouts).
         compute_logprobs: recompute the behaviour log-probs with the training forward (False
             skips that forward, for a caller whose first training forward at θ_old gives them).
-        compute_sampler_logprobs: keep the sampler's processed scores to return
-            ``sampler_logprobs`` (costs B·R·V floats while generating; False skips it).
+        compute_sampler_logprobs: record the sampler's own log-prob of every drawn token
+            (``sampler_logprobs``; one (B, V) buffer while generating).
         sampler: the model that draws the tokens, if not ``model`` (e.g. the half-precision
             copy of :class:`tether.models.rollout.RolloutWeights`); the behaviour log-probs
             still come from ``model``'s training forward.
@@ -133,15 +172,24 @@ def generate(
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
         return_dict_in_generate=True,
-        output_scores=compute_sampler_logprobs,
         use_cache=True,
     )
+    # The sampling warpers are passed as our own processors (HF's classes, HF's order) so that
+    # the recorder runs after them: HF puts its own warpers after any custom processor.
+    kwargs.update(temperature=None, top_k=None, top_p=None)
+    processors = LogitsProcessorList()
     if sampling.do_sample:
-        kwargs.update(
-            temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p
-        )
-    else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(top_k=sampling.top_k))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=sampling.top_p))
+    recorder = _SamplerLogProbs() if compute_sampler_logprobs else None
+    if recorder is not None:
+        processors.append(recorder)
+    if processors:
+        kwargs["logits_processor"] = processors
     was_training = gen_model.training
     gen_model.eval()
     try:
@@ -158,10 +206,9 @@ def generate(
     attention_mask = torch.cat([mask, response_mask], dim=1)  # (B, P+R)
 
     sampler_lp = None
-    if compute_sampler_logprobs:
-        scores = torch.stack(out.scores, dim=1).float()  # (B, R, V) processed logits
-        sampler_lp = torch.log_softmax(scores, dim=-1).gather(-1, response[..., None]).squeeze(-1)
-        sampler_lp = torch.where(response_mask, sampler_lp, 0.0)  # (B, R)
+    if recorder is not None:
+        sampler_lp = recorder.result(seq, p)  # (B, R)
+        sampler_lp = torch.where(response_mask, sampler_lp, 0.0)
 
     logprobs = None
     if compute_logprobs:

@@ -20,6 +20,7 @@ from tether.models.checkpointing import (
     autocast_kwargs,
     enable_activation_checkpointing,
 )
+from tether.models.numerics import KL_PRECISION_HELP, KLPrecision
 from tether.models.rollout import ROLLOUT_DTYPE_HELP, RolloutDtype
 from tether.runs.config import RunConfig, option
 
@@ -84,6 +85,7 @@ class SamplingTrainConfig(TrainConfig):
     top_k: int = option(0, help="Top-k sampling (0: off).")
     top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
     rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
+    kl_precision: KLPrecision = option("fp32", help=KL_PRECISION_HELP)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import PreferenceExample, collate_preferences
 from tether.models import cache_dir, forward_logprobs
+from tether.models.numerics import HALF_PRECISIONS
 from tether.reference import (
     CopyReference,
     PrecomputedReference,
@@ -50,6 +52,7 @@ from tether.train.common import (
     make_scheduler,
     model_state_for_checkpoint,
     optimizer_step,
+    resolve_mixed_precision,
     split_micro_batches,
 )
 
@@ -68,7 +71,10 @@ class DPOConfig(PreferenceDataConfig):
         "auto", help="Sequence log-prob: sum over tokens, or mean (auto: mean for ipo, else sum)."
     )
     reference: Literal["auto", "copy", "adapter", "precomputed", "synced"] = option(
-        "auto", help="Reference policy kind (auto: precomputed, the fast default offline)."
+        "auto",
+        help="Reference policy kind. auto: precomputed (once, cached) when training in fp32; a "
+        "live reference on each training batch (adapter with LoRA, else copy) under bf16/fp16, "
+        "whose rounding then matches the policy's (at step 0 the loss is exactly log 2).",
     )
     ref_dtype: Literal["same", "bfloat16"] = option("same", help="Dtype of a 'copy' reference.")
     sync_alpha: float = option(0.6, help="TR-DPO mixing weight α of the 'synced' reference.")
@@ -91,7 +97,17 @@ class DPOConfig(PreferenceDataConfig):
 
     @property
     def reference_kind(self) -> str:
-        return "precomputed" if self.reference == "auto" else self.reference
+        """The reference kind ``auto`` resolves to. Under half-precision autocast a forward's
+        rounding depends on the batch it runs in (padding, packing, kernel shapes), so log-probs
+        cached from other batches differ from the training forward's by ≈0.01–0.1 nats per
+        token even where π_θ = π_ref (the bf16 step-0 DPO loss was 0.7011 instead of log 2). A
+        live reference computed on the training batch under the same autocast rounds as the
+        policy does; in fp32 the cached log-probs agree to ≈1e-6 and precomputing is free."""
+        if self.reference != "auto":
+            return self.reference
+        if resolve_mixed_precision(self.mixed_precision) in HALF_PRECISIONS:
+            return "adapter" if self.peft else "copy"
+        return "precomputed"
 
     @property
     def mean_logps(self) -> bool:
@@ -132,6 +148,14 @@ def build_reference(
 ) -> tuple[ReferencePolicy, ReferencePolicy | None]:
     """The reference, and (for precomputed) a live copy used only for the exact-KL metric."""
     kind = cfg.reference_kind
+    if kind == "precomputed" and resolve_mixed_precision(cfg.mixed_precision) in HALF_PRECISIONS:
+        warnings.warn(
+            f"reference=precomputed under mixed_precision={cfg.mixed_precision}: the cached "
+            "reference log-probs round differently from the training forward's (other batches), "
+            "so the implicit rewards carry half-precision noise (the step-0 loss is not log 2); "
+            "reference=auto uses a live reference on the training batch instead",
+            stacklevel=2,
+        )
     if kind == "precomputed":
         ref = PrecomputedReference.build(
             model,

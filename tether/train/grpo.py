@@ -27,7 +27,7 @@ import torch
 from tether.core.advantages import group_relative, leave_one_out
 from tether.core.kl import Estimator
 from tether.core.losses import ppo_clip_loss
-from tether.core.masked import Aggregation, aggregate
+from tether.core.masked import Aggregation, aggregate, masked_mean
 from tether.runs.config import option
 from tether.train.rl import (
     Experience,
@@ -37,6 +37,7 @@ from tether.train.rl import (
     aggregation_denominator,
     kl_loss,
     sequence_rewards,
+    tis_weights,
     train_loop,
 )
 
@@ -161,6 +162,7 @@ def group_update(
                     logp = logp.float()
                     if fill_old:
                         exp.old_logprobs[idx] = torch.where(mask, logp.detach(), 0.0)
+                    w = tis_weights(exp, idx, cfg.tis_cap)
                     pg = ppo_clip_loss(
                         logp,
                         exp.old_logprobs[idx],
@@ -170,6 +172,7 @@ def group_update(
                         cfg.clip_eps_high,
                         cfg.loss_aggregation,
                         denom,
+                        weights=w,
                     )
                     loss = pg.loss
                     if cfg.kl_in == "loss" and beta > 0:
@@ -179,6 +182,7 @@ def group_update(
                             exp.old_logprobs[idx],
                             cfg.kl_estimator,
                             mask,
+                            None if exp.kl_logprobs is None else exp.kl_logprobs[idx],
                         )
                         loss = loss + beta * aggregate(kl_t, mask, cfg.loss_aggregation, denom)
                 acc.backward(loss)
@@ -189,6 +193,8 @@ def group_update(
                     ("ratio", pg.ratio_mean),
                 ):
                     logs.setdefault(k, []).append(float(v.detach()))
+                if w is not None:
+                    logs.setdefault("tis/weight", []).append(float(masked_mean(w, mask)))
             if cfg.max_grad_norm is not None:
                 gn = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
                 logs.setdefault("grad_norm", []).append(gn)

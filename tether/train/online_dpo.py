@@ -4,7 +4,10 @@ Each step: sample two completions per prompt from the *current* policy (KV cache
 with a judge (any reward callable: VADER, a trained reward model, ``module:function``), and update
 with a DPO-family loss against the reference. Because the pairs are on-policy, the KL to the
 reference is measured where it matters, on the policy's own samples: ``kl/k1`` and ``kl/k3`` are
-unbiased per-sequence estimates (Σ over response tokens) of KL(π_θ‖π_ref).
+unbiased per-sequence estimates (Σ over response tokens) of KL(π_θ‖π_ref), both sides computed in
+``kl_precision`` (fp32 by default). The loss's log-ratio has the same value: one update per
+rollout means the training forward is at θ_old, so the reference is carried into its numerics
+(:func:`tether.core.kl.anchored_ref_logp`) and bf16 rounding noise does not enter the loss.
 
 β schedule (``beta_schedule``): ``constant``; ``linear`` from ``beta`` to ``beta_end`` over
 ``max_steps``; or ``adaptive``: β follows :class:`tether.core.controllers.AdaptiveKL` to hold the
@@ -20,11 +23,12 @@ from typing import Any, Literal
 import torch
 
 from tether.core.controllers import AdaptiveKL, FixedKL, KLController
-from tether.core.kl import k1, k3
+from tether.core.kl import anchored_ref_logp, k1, k3
 from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
+from tether.models.numerics import check_fp32_weights, kl_numerics, separate_kl_forward
 from tether.models.rollout import SHARDED, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import make_reward, validate_rewards
@@ -42,6 +46,7 @@ from tether.train.common import (
     resolve_mixed_precision,
 )
 from tether.train.dpo import sequence_logps
+from tether.train.rl import policy_logprobs_fp32
 
 
 @dataclass
@@ -121,7 +126,6 @@ def pair_batch(
         "input_ids": rollout.input_ids[order],
         "attention_mask": rollout.attention_mask[order],
         "response_mask": full_resp[order],
-        "behaviour_logprobs": rollout.logprobs[order],
     }
     return batch, {"pairs": float(len(chosen)), "ties": float(ties)}
 
@@ -141,6 +145,9 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     )
     model = policy.model.to(acc.device)
     reference = make_reference(cfg.reference, model)
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    if cfg.kl_precision == "fp32":
+        check_fp32_weights(model, "policy")
     controller = beta_controller(cfg)
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
@@ -179,12 +186,14 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             t_gen = time.perf_counter()
             if sampler is not None:
                 sampler.sync()
-            with acc.autocast():  # behaviour log-probs in the precision the reference runs in
+            with acc.autocast():
                 rollout = generate(
                     model,
                     tok,
                     prompt_ids,
                     sampling,
+                    compute_logprobs=False,  # the training forward below is at θ_old
+                    compute_sampler_logprobs=False,
                     sampler=None if sampler is None else sampler.model,
                 )
             gen_s = time.perf_counter() - t_gen
@@ -209,12 +218,23 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             if b > 0:
                 ids, am = batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device)
                 resp = batch["response_mask"][:, 1:].to(acc.device)
+                # Both sides of the KL in the KL's numerics; the loss's reference carried into the
+                # training numerics (one update per rollout: this forward is at θ_old).
+                with kl_numerics(cfg.kl_precision, acc.autocast, acc.device.type):
+                    ref_lp = reference.logprobs(ids, am, resp, temperature=cfg.temperature).logprobs
+                pol_kl = None
+                if separate_kl_forward(cfg.kl_precision, precision, acc.device.type):
+                    pol_kl = policy_logprobs_fp32(model, ids, am, resp, cfg.temperature)
                 with acc.autocast():
                     token_logps, _ = module(ids, am, resp, cfg.temperature)
-                    ref_lp = reference.logprobs(ids, am, resp, temperature=cfg.temperature).logprobs
+                    token_logps = token_logps.float()
+                    behaviour = token_logps.detach()
+                    if pol_kl is None:
+                        pol_kl = behaviour
+                    ref_loss = anchored_ref_logp(ref_lp, pol_kl, behaviour)
                     seq, ref_seq = (
                         sequence_logps(token_logps, resp, False),
-                        sequence_logps(ref_lp, resp, False),
+                        sequence_logps(ref_loss, resp, False),
                     )
                     out = dpo_loss(
                         seq[:b],
@@ -233,12 +253,8 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                     )
                 optimizer.step()
                 # on-policy KL: the samples came from π_θ before this update
-                behaviour = torch.zeros_like(ref_lp)
-                behaviour[:, rollout.prompt_length - 1 :] = batch["behaviour_logprobs"].to(
-                    acc.device
-                )
-                kl1 = masked_sum(k1(behaviour, ref_lp), resp, dim=-1)
-                kl3 = masked_sum(k3(behaviour, ref_lp), resp, dim=-1)
+                kl1 = masked_sum(k1(pol_kl, ref_lp), resp, dim=-1)
+                kl3 = masked_sum(k3(pol_kl, ref_lp), resp, dim=-1)
                 stats.update(
                     {
                         "loss": loss.item(),

@@ -31,6 +31,7 @@ from tether.core.advantages import gae, whiten_advantages
 from tether.core.controllers import PPOPenaltyKL
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
+from tether.models.numerics import fp32_numerics
 from tether.runs.config import option
 from tether.train.rl import (
     Experience,
@@ -40,6 +41,7 @@ from tether.train.rl import (
     aggregation_denominator,
     kl_loss,
     shaped_token_rewards,
+    tis_weights,
     train_loop,
 )
 
@@ -119,15 +121,19 @@ def advantages_and_returns(
 
 @torch.no_grad()
 def kl_old_new(module: PolicyWithValue, exp: Experience, cfg: PPOConfig, autocast: Any) -> float:
-    """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ."""
+    """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ, in the KL's numerics:
+    against ``exp.kl_logprobs`` in fp32 when the rollout measured π_old in a separate fp32
+    forward, else against the behaviour log-probs in the training numerics."""
+    fp32 = exp.kl_logprobs is not None
+    old = exp.kl_logprobs if fp32 else exp.old_logprobs
     was = module.training
     module.eval()
     try:
-        with autocast():
+        with fp32_numerics(exp.input_ids.device.type) if fp32 else autocast():
             logp, _, _ = module(**exp.rows(torch.arange(exp.size)), temperature=cfg.temperature)
     finally:
         module.train(was)
-    log_ratio = logp.float() - exp.old_logprobs
+    log_ratio = logp.float() - old
     k3 = torch.expm1(log_ratio) - log_ratio
     return float(masked_mean(k3, exp.response_mask))
 
@@ -201,6 +207,7 @@ def ppo_update(
                         return_entropy=cfg.entropy_coef > 0,
                     )
                     logp = logp.float()
+                    w = tis_weights(exp, idx, cfg.tis_cap)
                     if penalty_ctl is not None:
                         pg = ppo_penalty_loss(
                             logp,
@@ -210,6 +217,7 @@ def ppo_update(
                             penalty_ctl.beta,
                             cfg.loss_aggregation,
                             denom,
+                            weights=w,
                         )
                     else:
                         pg = ppo_clip_loss(
@@ -221,6 +229,7 @@ def ppo_update(
                             cfg.clip_eps_high,
                             cfg.loss_aggregation,
                             denom,
+                            weights=w,
                         )
                     vloss, vclip = value_loss(
                         values,
@@ -239,6 +248,7 @@ def ppo_update(
                             exp.old_logprobs[idx],
                             cfg.kl_estimator,
                             mask,
+                            None if exp.kl_logprobs is None else exp.kl_logprobs[idx],
                         )
                         loss = loss + beta * aggregate(kl_t, mask, cfg.loss_aggregation, denom)
                     if cfg.entropy_coef > 0 and ent is not None:
@@ -255,6 +265,8 @@ def ppo_update(
                     ("ratio", pg.ratio_mean),
                 ):
                     logs.setdefault(k, []).append(float(v.detach()))
+                if w is not None:
+                    logs.setdefault("tis/weight", []).append(float(masked_mean(w, mask)))
                 epoch_kl.append(float(pg.kl_old_new))
             grad_norm = None
             if cfg.max_grad_norm is not None:

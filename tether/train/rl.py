@@ -27,11 +27,26 @@ import torch
 from torch import Tensor, nn
 
 from tether.core.controllers import KLController, make_controller
-from tether.core.kl import Estimator, estimate, exact_from_logits, k1, k3, loss_term
+from tether.core.kl import (
+    Estimator,
+    anchored_ref_logp,
+    estimate,
+    exact_from_logits,
+    k1,
+    k3,
+    loss_term,
+)
+from tether.core.losses import truncated_importance_weights
 from tether.core.masked import masked_mean, masked_sum
 from tether.data import PromptExample, load_prompt_dataset
 from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
 from tether.models.logprobs import unwrap_model
+from tether.models.numerics import (
+    check_fp32_weights,
+    fp32_numerics,
+    kl_numerics,
+    separate_kl_forward,
+)
 from tether.models.rollout import SHARDED, RolloutWeights, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
 from tether.rewards import RewardFn, make_reward, validate_rewards
@@ -83,6 +98,11 @@ class RLConfig(SamplingTrainConfig):
     exact_kl_samples: int = option(
         2, help="Responses per iteration on which the exact (full-vocabulary) KL is computed."
     )
+    tis_cap: float | None = option(
+        None,
+        help="Truncated importance sampling between sampler and trainer: weight each token's "
+        "policy-gradient term by min(π_train/π_sampler, tis_cap) (null: off; 2 is common).",
+    )
     learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
 
     def __post_init__(self) -> None:
@@ -102,6 +122,8 @@ class RLConfig(SamplingTrainConfig):
             raise ValueError("the adaptive controller multiplies β: kl_coef must be > 0")
         if self.exact_kl_samples < 0:
             raise ValueError("exact_kl_samples must be ≥ 0")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0 (or null: off), got {self.tis_cap}")
 
     @property
     def rollout_size(self) -> int:
@@ -211,7 +233,7 @@ class Experience:
     """(N, R) log π_old of the sampled tokens (the behaviour policy, training precision); None
     until known when the behaviour forward was skipped (see :func:`collect`)."""
     ref_logprobs: Tensor
-    """(N, R) log π_ref."""
+    """(N, R) log π_ref, in the KL's numerics (``kl_precision``)."""
     kl: Tensor | None
     """(N, R) per-token KL(π_old‖π_ref) estimate (the configured estimator); 0 off the mask.
     None until :func:`kl_stats` has run."""
@@ -225,11 +247,22 @@ class Experience:
     """(N,) bool: the response ended with EOS."""
     values: Tensor | None = None
     """(N, R) critic values at sampling time, when the trainer has a critic."""
+    kl_logprobs: Tensor | None = None
+    """(N, R) log π_old from a separate forward in the KL's numerics (fp32) when the training
+    forward is not fp32; None when ``old_logprobs`` already are in the KL's numerics."""
+    sampler_logprobs: Tensor | None = None
+    """(N, R) the sampler's own log-probs of the drawn tokens (the rollout copy or the KV-cache
+    decode, after temperature/top-k/top-p); for the sampler/trainer mismatch and TIS."""
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def policy_kl_logprobs(self) -> Tensor | None:
+        """log π_old in the KL's numerics: the policy side of every reference log-ratio."""
+        return self.kl_logprobs if self.kl_logprobs is not None else self.old_logprobs
 
     def rows(self, idx: Tensor) -> dict[str, Any]:
         """The model inputs of rows ``idx``."""
@@ -263,7 +296,10 @@ def collect(
     """Sample G completions per prompt, score them, and measure the KL to the reference.
 
     Sampling and the behaviour log-probs run under ``autocast`` (the training precision), so
-    the importance ratio of the first update is 1 up to the summation order. With
+    the importance ratio of the first update is 1 up to the summation order. Both sides of the
+    KL's log-ratio run in ``cfg.kl_precision``: with ``fp32`` under mixed precision the reference
+    runs in fp32 and so does a separate policy forward (``kl_logprobs``), so that half-precision
+    rounding noise is not read as KL (:mod:`tether.models.numerics`). With
     ``behaviour_logprobs=False`` the behaviour forward is skipped (``old_logprobs`` and ``kl`` are
     None): for a single on-policy update whose first training forward, at θ_old, supplies them
     (the caller then fills them and calls :func:`kl_stats`). With ``sampler_weights``, its
@@ -284,7 +320,7 @@ def collect(
             prompt_ids,
             sampling_config(cfg),
             compute_logprobs=behaviour_logprobs,
-            compute_sampler_logprobs=False,
+            compute_sampler_logprobs=True,
             sampler=sampler,
         )
     gen_s = time.perf_counter() - t0
@@ -305,10 +341,21 @@ def collect(
     resp = resp & valid[:, None]
     p = rollout.prompt_length
     mask = full_logprob_mask(resp, p)
-    with autocast():
+    t2 = time.perf_counter()
+    with kl_numerics(cfg.kl_precision, autocast, device.type):
         ref = reference.logprobs(
             rollout.input_ids, rollout.attention_mask, mask, temperature=cfg.temperature
         ).logprobs[:, p - 1 :]
+    kl_lp = None
+    if separate_kl_forward(
+        cfg.kl_precision, resolve_mixed_precision(cfg.mixed_precision), device.type
+    ):
+        kl_lp = policy_logprobs_fp32(
+            model, rollout.input_ids, rollout.attention_mask, mask, cfg.temperature
+        )
+        kl_lp = torch.where(resp, kl_lp[:, p - 1 :], 0.0)
+    kl_s = time.perf_counter() - t2
+    with autocast():
         values = None
         if value_module is not None and value_module.value_head is not None:
             was = value_module.training
@@ -335,6 +382,10 @@ def collect(
         completions=completions,
         finished=rollout.finished,
         values=None if values is None else torch.where(resp, values.float(), 0.0),
+        kl_logprobs=kl_lp,
+        sampler_logprobs=None
+        if rollout.sampler_logprobs is None
+        else torch.where(resp, rollout.sampler_logprobs.to(device), 0.0),
     )
     exp.stats = {
         "score": float(scores[valid.cpu()].sum()) / n_valid,
@@ -344,6 +395,7 @@ def collect(
         "num_skipped": float(rewards.num_skipped),
         "gen_s": gen_s,
         "reward_s": reward_s,
+        "kl_s": kl_s,
     }
     if rollout.logprobs is not None:
         exp.old_logprobs = torch.where(resp, rollout.logprobs.float(), 0.0)
@@ -352,46 +404,117 @@ def collect(
 
 
 def kl_stats(exp: Experience, estimator: Estimator) -> dict[str, float]:
-    """Fill ``exp.kl`` (per-token KL(π_old‖π_ref), the named estimator) from ``exp.old_logprobs``
-    and return the per-response means of it, of k1 and of k3."""
-    if exp.old_logprobs is None:
+    """Fill ``exp.kl`` (per-token KL(π_old‖π_ref), the named estimator, in the KL's numerics)
+    and return the per-response means of it, of k1 and of k3; with the sampler's log-probs also
+    ``kl/sampler_trainer``: Σ_t k3 between the sampler's and the training forward's log-probs
+    of the drawn tokens, which estimates KL(π_sampler‖π_train) per response (0 when the two
+    compute the same distribution)."""
+    pol = exp.policy_kl_logprobs
+    if pol is None or exp.old_logprobs is None:
         raise ValueError("the behaviour log-probs are not known yet")
-    resp, old, ref = exp.response_mask, exp.old_logprobs, exp.ref_logprobs
-    exp.kl = torch.where(resp, estimate(old, ref, estimator), 0.0)
+    resp, ref = exp.response_mask, exp.ref_logprobs
+    exp.kl = torch.where(resp, estimate(pol, ref, estimator), 0.0)
     n_valid = max(int(exp.valid.sum()), 1)
-    return {
+    stats = {
         f"kl/{estimator}": float(masked_sum(exp.kl, resp, dim=-1).sum()) / n_valid,
-        "kl/k1": float(masked_sum(k1(old, ref), resp, dim=-1).sum()) / n_valid,
-        "kl/k3": float(masked_sum(k3(old, ref), resp, dim=-1).sum()) / n_valid,
+        "kl/k1": float(masked_sum(k1(pol, ref), resp, dim=-1).sum()) / n_valid,
+        "kl/k3": float(masked_sum(k3(pol, ref), resp, dim=-1).sum()) / n_valid,
     }
+    if exp.sampler_logprobs is not None:
+        mismatch = k3(exp.sampler_logprobs, exp.old_logprobs)  # x ∼ sampler
+        stats["kl/sampler_trainer"] = float(masked_sum(mismatch, resp, dim=-1).sum()) / n_valid
+    return stats
+
+
+def tis_weights(exp: Experience, idx: Tensor, cap: float | None) -> Tensor | None:
+    """Rows ``idx``' truncated importance weights min(π_train/π_sampler, cap), or None when TIS
+    is off or the sampler's log-probs are unknown."""
+    if cap is None or exp.sampler_logprobs is None or exp.old_logprobs is None:
+        return None
+    return truncated_importance_weights(
+        exp.old_logprobs[idx], exp.sampler_logprobs[idx], cap, exp.response_mask[idx]
+    )
+
+
+@torch.no_grad()
+def policy_logprobs_fp32(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, temperature: float
+) -> Tensor:
+    """(N, T−1) log-probs of the policy at its current θ in fp32 numerics (eval mode, no grad):
+    the policy side of the KL when the training forward runs in half precision."""
+    base = unwrap_model(model)
+    was = base.training
+    base.eval()
+    try:
+        with fp32_numerics(input_ids.device.type):
+            out = forward_logprobs(
+                model, input_ids, attention_mask, mask=mask, temperature=temperature
+            )
+    finally:
+        base.train(was)
+    return out.logprobs.float()
+
+
+def noise_floor(exp: Experience, rows: Tensor, exact: Tensor) -> float:
+    """Mean over ``rows`` of Σ_t k3 − Σ_t KL_exact per response: the sampled estimator against
+    the exact KL on the same responses. It is sampling noise around 0 when the numerics are
+    consistent, and grows with half-precision rounding noise (k3's bias ½·E[ε²] per token)."""
+    pol = exp.policy_kl_logprobs
+    if pol is None or rows.numel() == 0:
+        return float("nan")
+    resp = exp.response_mask[rows]
+    sampled = masked_sum(k3(pol[rows], exp.ref_logprobs[rows]), resp, dim=-1)  # (n,)
+    return float((sampled - exact.to(sampled.device)).mean())
+
+
+@dataclass
+class ExactKL:
+    """The exact KL on a few responses of a rollout (:func:`exact_kl`)."""
+
+    rows: Tensor
+    """(n,) the rollout rows it was computed on."""
+    per_response: Tensor
+    """(n,) Σ_t KL(π_θ(·|prefix) ‖ π_ref(·|prefix)) over each response, exact."""
+    entropy: float
+    """Mean per-token entropy of π_θ on those responses (nan if none)."""
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_response.mean()) if self.rows.numel() else 0.0
 
 
 @torch.no_grad()
 def exact_kl(
-    model: nn.Module, reference: ReferencePolicy, exp: Experience, n: int, temperature: float
-) -> tuple[float, float]:
-    """On the first ``n`` valid responses, at the current θ: the mean of Σ_t KL(π_θ(·|prefix) ‖
-    π_ref(·|prefix)), exact over the vocabulary (:func:`tether.core.kl.exact_from_logits`), and
-    the mean per-token entropy of π_θ. ``(0, nan)`` when there is no valid response."""
+    model: nn.Module,
+    reference: ReferencePolicy,
+    exp: Experience,
+    n: int,
+    temperature: float,
+    numerics: Callable[[], Any] = contextlib.nullcontext,
+) -> ExactKL:
+    """On the first ``n`` valid responses, at the current θ, in ``numerics`` (the KL's): the
+    per-response Σ_t KL(π_θ(·|prefix) ‖ π_ref(·|prefix)), exact over the vocabulary
+    (:func:`tether.core.kl.exact_from_logits`), and the mean per-token entropy of π_θ."""
     rows = exp.valid.nonzero().squeeze(-1)[:n]
     if rows.numel() == 0:
-        return 0.0, float("nan")
+        return ExactKL(rows, torch.zeros(0), float("nan"))
     ids, am = exp.input_ids[rows], exp.attention_mask[rows]
     mask = full_logprob_mask(exp.response_mask[rows], exp.prompt_length)
     base = unwrap_model(model)
     was = base.training
     base.eval()
     try:
-        pol = forward_logprobs(
-            model, ids, am, mask=mask, temperature=temperature, return_logits=True
-        )
+        with numerics():
+            pol = forward_logprobs(
+                model, ids, am, mask=mask, temperature=temperature, return_logits=True
+            )
+            ref = reference.logprobs(ids, am, mask, temperature=temperature, return_logits=True)
     finally:
         base.train(was)
-    ref = reference.logprobs(ids, am, mask, temperature=temperature, return_logits=True)
     per_pos = exact_from_logits(pol.logits, ref.logits.to(pol.logits.device), mask)
     logp = torch.log_softmax(pol.logits.float(), -1)  # (n, T−1, V): a handful of rows
     entropy = -(logp.exp() * logp).sum(-1)
-    return float(per_pos.sum(-1).mean()), float(masked_mean(entropy, mask))
+    return ExactKL(rows, per_pos.sum(-1), float(masked_mean(entropy, mask)))
 
 
 def shaped_token_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Tensor:
@@ -414,11 +537,22 @@ def sequence_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Tensor
 
 
 def kl_loss(
-    logp: Tensor, ref_logp: Tensor, old_logp: Tensor, estimator: Estimator, mask: Tensor
+    logp: Tensor,
+    ref_logp: Tensor,
+    old_logp: Tensor,
+    estimator: Estimator,
+    mask: Tensor,
+    kl_logp: Tensor | None = None,
 ) -> Tensor:
     """(n, R) per-token, β-free KL loss term ρ·k(π_θ, π_ref) with ρ = π_θ/π_old (see
     :func:`tether.core.kl.loss_term`: its expected gradient is ∇KL(π_θ‖π_ref) on- and
-    off-policy); the caller multiplies by β and aggregates."""
+    off-policy); the caller multiplies by β and aggregates. With ``kl_logp`` (π_old's log-probs
+    in the KL's numerics, the numerics ``ref_logp`` was computed in) the reference is carried
+    into the training numerics (:func:`tether.core.kl.anchored_ref_logp`), so the log-ratio's
+    value is the fp32 one on the first forward and only training-precision changes of π_θ
+    since π_old add to it."""
+    if kl_logp is not None:
+        ref_logp = anchored_ref_logp(ref_logp, kl_logp, old_logp)
     per_token = loss_term(logp, ref_logp, estimator, behaviour_logp=old_logp)  # type: ignore[arg-type]
     return torch.where(mask, per_token, 0.0)
 
@@ -501,6 +635,8 @@ def train_loop(
     data = load_prompts(cfg, tok)
     model = policy.model.to(acc.device)
     reference = build_reference(cfg, model)
+    if cfg.kl_precision == "fp32":
+        check_fp32_weights(unwrap_model(model), "policy")
     controller = make_kl_controller(cfg)
     head = ValueHead(unwrap_model(model).config.hidden_size).to(acc.device) if value_head else None
     module = PolicyWithValue(model, head)
@@ -552,13 +688,22 @@ def train_loop(
             beta = controller.beta
             metrics = dict(exp.stats)
             metrics["beta"] = beta
+            exact = None
             if cfg.exact_kl_samples:
-                metrics["kl/exact"], metrics["entropy"] = exact_kl(
-                    model, reference, exp, cfg.exact_kl_samples, cfg.temperature
+                exact = exact_kl(
+                    model,
+                    reference,
+                    exp,
+                    cfg.exact_kl_samples,
+                    cfg.temperature,
+                    lambda: kl_numerics(cfg.kl_precision, acc.autocast, acc.device.type),
                 )
+                metrics["kl/exact"], metrics["entropy"] = exact.mean, exact.entropy
             metrics.update(update(session, exp, beta, step))
             if exp.kl is None:  # the update supplied the behaviour log-probs
                 metrics.update(kl_stats(exp, cfg.kl_estimator))
+            if exact is not None:
+                metrics["kl/k3_minus_exact"] = noise_floor(exp, exact.rows, exact.per_response)
             if after_update is not None:
                 after_update(session, exp, metrics)
             controller.update(max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=exp.size)

@@ -49,6 +49,7 @@ from tether.train.rl import (
     full_logprob_mask,
     sequence_rewards,
     shaped_token_rewards,
+    tis_weights,
     train_loop,
 )
 
@@ -138,7 +139,9 @@ def trpo_policy_step(
     model = sess.model
     params = [p for p in model.parameters() if p.requires_grad]
     mask = exp.response_mask
-    old_logp = exp.old_logprobs
+    weights = tis_weights(exp, torch.arange(exp.size, device=mask.device), cfg.tis_cap)
+    if weights is not None:
+        adv = adv * weights
     was = model.training
     model.eval()
     kernel: Any = contextlib.nullcontext()
@@ -151,6 +154,10 @@ def trpo_policy_step(
     try:
         with kernel:
             logp, logits = _policy_outputs(model, exp, cfg.temperature)
+            # π_old in the numerics of this fp32 step (this forward is at θ_old): the rollout's
+            # behaviour log-probs were computed under the training autocast and would put its
+            # rounding noise into the ratio.
+            old_logp = logp.detach().float()
             old_logits = logits.detach()
             surrogate = masked_mean((logp.float() - old_logp).exp() * adv, mask)
             g = flat_grad(surrogate, params, retain_graph=True)
