@@ -23,7 +23,6 @@ KL of the rollout and sets β for the next one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,15 +30,15 @@ from tether.core.advantages import gae, whiten_advantages
 from tether.core.controllers import PPOPenaltyKL
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
-from tether.models.numerics import fp32_numerics
 from tether.runs.config import option
 from tether.train.rl import (
     Experience,
-    PolicyWithValue,
     RLConfig,
     RLSession,
     aggregation_denominator,
+    full_logprob_mask,
     kl_loss,
+    policy_logprobs_fp32,
     shaped_token_rewards,
     tis_weights,
     train_loop,
@@ -120,19 +119,28 @@ def advantages_and_returns(
 
 
 @torch.no_grad()
-def kl_old_new(module: PolicyWithValue, exp: Experience, cfg: PPOConfig, autocast: Any) -> float:
+def kl_old_new(sess: RLSession, exp: Experience, cfg: PPOConfig) -> float:
     """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ, in the KL's numerics:
-    against ``exp.kl_logprobs`` in fp32 when the rollout measured π_old in a separate fp32
-    forward, else against the behaviour log-probs in the training numerics."""
-    fp32 = exp.kl_logprobs is not None
-    old = exp.kl_logprobs if fp32 else exp.old_logprobs
-    was = module.training
-    module.eval()
-    try:
-        with fp32_numerics(exp.input_ids.device.type) if fp32 else autocast():
-            logp, _, _ = module(**exp.rows(torch.arange(exp.size)), temperature=cfg.temperature)
-    finally:
-        module.train(was)
+    against ``exp.kl_logprobs`` with an fp32 forward of the bare model when the rollout measured
+    π_old in a separate fp32 forward (the prepared module's forward would re-enter autocast),
+    else against the behaviour log-probs in the training numerics."""
+    rows = torch.arange(exp.size)
+    if exp.kl_logprobs is not None:
+        mask = full_logprob_mask(exp.response_mask, exp.prompt_length)
+        logp = policy_logprobs_fp32(
+            sess.model, exp.input_ids, exp.attention_mask, mask, cfg.temperature
+        )[:, exp.prompt_length - 1 :]
+        old = exp.kl_logprobs
+    else:
+        module = sess.module
+        was = module.training
+        module.eval()
+        try:
+            with sess.accelerator.autocast():
+                logp, _, _ = module(**exp.rows(rows), temperature=cfg.temperature)
+        finally:
+            module.train(was)
+        old = exp.old_logprobs
     log_ratio = logp.float() - old
     k3 = torch.expm1(log_ratio) - log_ratio
     return float(masked_mean(k3, exp.response_mask))
@@ -154,7 +162,7 @@ def train(cfg: PPOConfig) -> dict[str, float]:
         if penalty_ctl is None:
             return
         metrics["penalty_beta"] = penalty_ctl.beta  # the β_old this iteration used
-        metrics["kl_old_new/after"] = kl_old_new(sess.module, exp, cfg, sess.accelerator.autocast)
+        metrics["kl_old_new/after"] = kl_old_new(sess, exp, cfg)
         penalty_ctl.update(metrics["kl_old_new/after"])
 
     return train_loop(

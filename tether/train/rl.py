@@ -46,6 +46,7 @@ from tether.models.numerics import (
     fp32_numerics,
     kl_numerics,
     separate_kl_forward,
+    weights_are_fp32,
 )
 from tether.models.rollout import SHARDED, RolloutWeights, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
@@ -492,7 +493,7 @@ def exact_kl(
     temperature: float,
     numerics: Callable[[], Any] = contextlib.nullcontext,
 ) -> ExactKL:
-    """On the first ``n`` valid responses, at the current θ, in ``numerics`` (the KL's): the
+    """On the first ``n`` valid responses, at the current θ, in ``numerics`` (fp32 in training): the
     per-response Σ_t KL(π_θ(·|prefix) ‖ π_ref(·|prefix)), exact over the vocabulary
     (:func:`tether.core.kl.exact_from_logits`), and the mean per-token entropy of π_θ."""
     rows = exp.valid.nonzero().squeeze(-1)[:n]
@@ -637,6 +638,13 @@ def train_loop(
     reference = build_reference(cfg, model)
     if cfg.kl_precision == "fp32":
         check_fp32_weights(unwrap_model(model), "policy")
+    # The exact KL is the yardstick of the noise-floor metric: fp32 whatever kl_precision is
+    # (a handful of responses), so that kl_precision=train shows its own noise floor.
+    exact_numerics = (
+        (lambda: fp32_numerics(acc.device.type))
+        if weights_are_fp32(unwrap_model(model))
+        else acc.autocast
+    )
     controller = make_kl_controller(cfg)
     head = ValueHead(unwrap_model(model).config.hidden_size).to(acc.device) if value_head else None
     module = PolicyWithValue(model, head)
@@ -696,7 +704,7 @@ def train_loop(
                     exp,
                     cfg.exact_kl_samples,
                     cfg.temperature,
-                    lambda: kl_numerics(cfg.kl_precision, acc.autocast, acc.device.type),
+                    exact_numerics,
                 )
                 metrics["kl/exact"], metrics["entropy"] = exact.mean, exact.entropy
             metrics.update(update(session, exp, beta, step))
