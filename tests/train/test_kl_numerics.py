@@ -165,6 +165,18 @@ def test_sampler_logprobs_are_the_samplers_own():
     torch.testing.assert_close(r.sampler_logprobs[m], expected[m], atol=2e-4, rtol=0)
 
 
+def test_a_models_own_generation_defaults_do_not_warp_the_sampler():
+    """Checkpoints often ship generation defaults (temperature 0.7, top-p 0.8, ...): tether's
+    sampler is the configured one, so its log-probs are π_θ's at the configured temperature."""
+    pol = tiny_causal_lm(seed=2)
+    gc = pol.model.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 0.1, 5, 0.5
+    tok = pol.tokenizer
+    r = generate(pol.model, tok, [tok.encode("Hello")] * 4, SamplingConfig(max_new_tokens=6), 0)
+    m = r.response_mask
+    torch.testing.assert_close(r.sampler_logprobs[m], r.logprobs[m], atol=1e-5, rtol=0)
+
+
 # -- the KL under bf16: rollout level, many samples ----------------------------------------------
 
 

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
+from torch import Tensor, nn
+
+from tether.models.logprobs import forward_logprobs, unwrap_model
 
 KLPrecision = Literal["fp32", "train"]
 KL_PRECISION_HELP = (
@@ -97,3 +100,24 @@ def check_fp32_weights(model: torch.nn.Module, what: str) -> None:
             "parameters: load it with dtype=float32 (and train under mixed_precision=bf16), or "
             "set kl_precision=train"
         )
+
+
+@torch.no_grad()
+def fp32_policy_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, temperature: float
+) -> Tensor:
+    """(B, T−1) log-probs of ``model`` at its current weights in :func:`fp32_numerics` (eval
+    mode, no grad), in :func:`tether.models.logprobs.forward_logprobs`' layout: the policy side of
+    a KL when the training forward runs in half precision. Pass the bare model, not one prepared
+    by accelerate under mixed precision (its patched forward re-enters autocast)."""
+    base = unwrap_model(model)
+    was = base.training
+    base.eval()
+    try:
+        with fp32_numerics(input_ids.device.type):
+            out = forward_logprobs(
+                model, input_ids, attention_mask, mask=mask, temperature=temperature
+            )
+    finally:
+        base.train(was)
+    return out.logprobs.float()

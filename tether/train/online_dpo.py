@@ -28,7 +28,12 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
-from tether.models.numerics import check_fp32_weights, kl_numerics, separate_kl_forward
+from tether.models.numerics import (
+    check_fp32_weights,
+    fp32_policy_logprobs,
+    kl_numerics,
+    separate_kl_forward,
+)
 from tether.models.rollout import SHARDED, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import make_reward, validate_rewards
@@ -46,7 +51,6 @@ from tether.train.common import (
     resolve_mixed_precision,
 )
 from tether.train.dpo import sequence_logps
-from tether.train.rl import policy_logprobs_fp32
 
 
 @dataclass
@@ -224,7 +228,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                     ref_lp = reference.logprobs(ids, am, resp, temperature=cfg.temperature).logprobs
                 pol_kl = None
                 if separate_kl_forward(cfg.kl_precision, precision, acc.device.type):
-                    pol_kl = policy_logprobs_fp32(model, ids, am, resp, cfg.temperature)
+                    pol_kl = fp32_policy_logprobs(model, ids, am, resp, cfg.temperature)
                 with acc.autocast():
                     token_logps, _ = module(ids, am, resp, cfg.temperature)
                     token_logps = token_logps.float()

@@ -30,6 +30,7 @@ from tether.core.advantages import gae, whiten_advantages
 from tether.core.controllers import PPOPenaltyKL
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
+from tether.models.numerics import fp32_policy_logprobs
 from tether.runs.config import option
 from tether.train.rl import (
     Experience,
@@ -38,7 +39,6 @@ from tether.train.rl import (
     aggregation_denominator,
     full_logprob_mask,
     kl_loss,
-    policy_logprobs_fp32,
     shaped_token_rewards,
     tis_weights,
     train_loop,
@@ -127,7 +127,7 @@ def kl_old_new(sess: RLSession, exp: Experience, cfg: PPOConfig) -> float:
     rows = torch.arange(exp.size)
     if exp.kl_logprobs is not None:
         mask = full_logprob_mask(exp.response_mask, exp.prompt_length)
-        logp = policy_logprobs_fp32(
+        logp = fp32_policy_logprobs(
             sess.model, exp.input_ids, exp.attention_mask, mask, cfg.temperature
         )[:, exp.prompt_length - 1 :]
         old = exp.kl_logprobs

@@ -9,6 +9,13 @@ arXiv:1909.08593 eq. 2) or in the loss (``kl_in="loss"``: β·ρ·k3 with the im
 makes its gradient ∇KL(π_θ‖π_ref); GRPO arXiv:2402.03300 eq. 3, corrected per Zhang et al. 2025,
 arXiv:2505.17508). β comes from any controller of :mod:`tether.core.controllers`.
 
+Numerics (``kl_precision``, :mod:`tether.models.numerics`): both sides of every KL log-ratio a user
+or a controller reads are computed in fp32 by default, also under bf16 training, where the
+behaviour log-probs of the PPO ratio stay in the training numerics; ``kl/k3_minus_exact`` (the
+sampled k3 against the exact fp32 KL on the same responses) shows the noise floor,
+``kl/sampler_trainer`` the mismatch between the sampler's and the trainer's log-probs, which
+``tis_cap`` corrects by truncated importance sampling.
+
 Layout: a rollout of N = B·G sequences is kept as ``input_ids`` (N, P + R) — left-padded prompts
 of width P, responses of width R after them — and every per-token tensor of the response is
 (N, R) with ``response_mask`` (N, R) True up to and including the first EOS. Column j of the
@@ -44,6 +51,7 @@ from tether.models.logprobs import unwrap_model
 from tether.models.numerics import (
     check_fp32_weights,
     fp32_numerics,
+    fp32_policy_logprobs,
     kl_numerics,
     separate_kl_forward,
     weights_are_fp32,
@@ -351,7 +359,7 @@ def collect(
     if separate_kl_forward(
         cfg.kl_precision, resolve_mixed_precision(cfg.mixed_precision), device.type
     ):
-        kl_lp = policy_logprobs_fp32(
+        kl_lp = fp32_policy_logprobs(
             model, rollout.input_ids, rollout.attention_mask, mask, cfg.temperature
         )
         kl_lp = torch.where(resp, kl_lp[:, p - 1 :], 0.0)
@@ -435,25 +443,6 @@ def tis_weights(exp: Experience, idx: Tensor, cap: float | None) -> Tensor | Non
     return truncated_importance_weights(
         exp.old_logprobs[idx], exp.sampler_logprobs[idx], cap, exp.response_mask[idx]
     )
-
-
-@torch.no_grad()
-def policy_logprobs_fp32(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, temperature: float
-) -> Tensor:
-    """(N, T−1) log-probs of the policy at its current θ in fp32 numerics (eval mode, no grad):
-    the policy side of the KL when the training forward runs in half precision."""
-    base = unwrap_model(model)
-    was = base.training
-    base.eval()
-    try:
-        with fp32_numerics(input_ids.device.type):
-            out = forward_logprobs(
-                model, input_ids, attention_mask, mask=mask, temperature=temperature
-            )
-    finally:
-        base.train(was)
-    return out.logprobs.float()
 
 
 def noise_floor(exp: Experience, rows: Tensor, exact: Tensor) -> float:
