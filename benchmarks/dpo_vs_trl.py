@@ -577,6 +577,7 @@ def main() -> None:
         "--data", help="preference JSONL (prompt/chosen/rejected) instead of synthetic pairs"
     )
     p.add_argument("--only", choices=["tether", "trl"], help="run one library's rows only")
+    p.add_argument("--configs", help="comma-separated rows to run (default: all)")
     p.add_argument("--with-exact-kl", action="store_true", help="add tether+exactkl row")
     p.add_argument("--skip-check", action="store_true", help="skip the tokenisation check")
     p.add_argument("--out", help="write all results as JSON here")
@@ -593,6 +594,12 @@ def main() -> None:
         configs.update(EXACT_KL_CONFIG)
     if args.only:
         configs = {k: v for k, v in configs.items() if v["lib"] == args.only}
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in names if c not in {**CONFIGS, **EXACT_KL_CONFIG}]
+        if unknown:
+            p.error(f"--configs: unknown {unknown}")
+        configs = {k: v for k, v in configs.items() if k in names}
 
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
         work = Path(tmp)

@@ -282,6 +282,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     p.add_argument("--only", choices=["tether", "trl"])
+    p.add_argument(
+        "--configs", help=f"comma-separated rows to run (default: all of {', '.join(CONFIGS)})"
+    )
     p.add_argument("--out", help="write all results as JSON here")
     args = p.parse_args()
     if min(args.steps, args.batch_size, args.max_new_tokens) < 1 or args.num_generations < 2:
@@ -301,6 +304,12 @@ def main() -> None:
         "threads": args.threads,
     }
     configs = {k: v for k, v in CONFIGS.items() if not args.only or v["lib"] == args.only}
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CONFIGS]
+        if unknown:
+            p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+        configs = {k: v for k, v in configs.items() if k in names}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl-") as tmp:
         results = {name: spawn(name, a, Path(tmp)) for name in configs}
     for r in results.values():
