@@ -3,6 +3,15 @@
 Pure metric functions live here, free of trainers; the trainers call them.
 """
 
+from tether.eval.capability import NLL, corpus_nll
 from tether.eval.diversity import distinct_n, expectation_adjusted_distinct, ngrams
+from tether.eval.selfbleu import self_bleu
 
-__all__ = ["distinct_n", "expectation_adjusted_distinct", "ngrams"]
+__all__ = [
+    "NLL",
+    "corpus_nll",
+    "distinct_n",
+    "expectation_adjusted_distinct",
+    "ngrams",
+    "self_bleu",
+]
