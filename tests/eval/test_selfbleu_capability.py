@@ -32,7 +32,8 @@ def test_corpus_nll_is_the_token_weighted_direct_sum():
     total, count = 0.0, 0
     for t in texts:  # one text at a time, no padding, full log-softmax in float64
         ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
-        logits = pol.model(input_ids=ids).logits.double()[0, :-1]
+        with torch.no_grad():
+            logits = pol.model(input_ids=ids).logits.double()[0, :-1]
         lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
         total += float(-lp.sum())
         count += lp.numel()
