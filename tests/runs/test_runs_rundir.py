@@ -151,13 +151,24 @@ def test_only_the_main_process_writes(tmp_path):
     assert not run.exists()
 
 
-def test_progress_is_quiet_off_a_terminal(capsys):
+def test_progress_prints_plain_lines_off_a_terminal(capsys):
+    """No bar off a terminal, but one plain line per update with metrics (a log under nohup or CI
+    says what the run is doing); none for an update without metrics, none off the main process."""
     with Progress(total=5, metrics=["loss"]) as bar:  # pytest captures stdout: not a TTY
-        assert not bar.enabled
-        bar.update(1, {"loss": 0.5})
-    assert capsys.readouterr().out == ""
+        assert not bar.enabled and bar.plain
+        bar.update(1, {"loss": 0.5, "other": 1.0})
+        bar.update(2)
+        bar.update(3, {"loss": 0.25})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("train step 1/5  s/step ") and "ETA " in lines[0]
+    assert lines[0].endswith("loss 0.5") and "other" not in lines[0]
+    assert lines[1].startswith("train step 3/5") and lines[1].endswith("loss 0.25")
     console = Console(file=io.StringIO(), force_terminal=True)
-    assert not Progress(total=5, console=console, accelerator=FakeAccelerator()).enabled
+    quiet = Progress(total=5, console=console, accelerator=FakeAccelerator())
+    assert not quiet.enabled and not quiet.plain
+    quiet.update(1, {"loss": 0.5})
+    assert capsys.readouterr().out == ""
 
 
 def test_progress_shows_step_and_chosen_metrics():
