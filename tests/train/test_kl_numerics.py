@@ -143,6 +143,9 @@ def test_fp32_numerics_turns_autocast_and_tf32_off_and_restores_them():
     assert not separate_kl_forward("fp32", "no") and not separate_kl_forward("train", "bf16")
     with pytest.raises(ValueError, match="kl_precision=fp32 needs fp32 weights"):
         check_fp32_weights(torch.nn.Linear(2, 2).to(torch.bfloat16), "policy")
+    with pytest.raises(ValueError, match="kl_precision=fp32 needs fp32 weights.*bfloat16"):
+        RLConfig(prompts="p", dtype="bfloat16")  # refused before any model is loaded
+    RLConfig(prompts="p", dtype="bfloat16", kl_precision="train")
 
 
 def test_sampler_logprobs_are_the_samplers_own():

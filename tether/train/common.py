@@ -87,6 +87,14 @@ class SamplingTrainConfig(TrainConfig):
     rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     kl_precision: KLPrecision = option("fp32", help=KL_PRECISION_HELP)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_precision == "fp32" and self.dtype == "bfloat16":
+            raise ValueError(
+                "kl_precision=fp32 needs fp32 weights, but dtype=bfloat16: use dtype=float32 "
+                "(train under mixed_precision=bf16) or kl_precision=train"
+            )
+
 
 @dataclass
 class PreferenceDataConfig(TrainConfig):

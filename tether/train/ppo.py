@@ -28,6 +28,7 @@ import torch
 
 from tether.core.advantages import gae, whiten_advantages
 from tether.core.controllers import PPOPenaltyKL
+from tether.core.kl import k3
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
 from tether.models.numerics import fp32_policy_logprobs
@@ -141,9 +142,8 @@ def kl_old_new(sess: RLSession, exp: Experience, cfg: PPOConfig) -> float:
         finally:
             module.train(was)
         old = exp.old_logprobs
-    log_ratio = logp.float() - old
-    k3 = torch.expm1(log_ratio) - log_ratio
-    return float(masked_mean(k3, exp.response_mask))
+    # KL(π_old‖π_θ) on tokens drawn from π_old: k3 with π_old as the sampling side
+    return float(masked_mean(k3(old, logp.float()), exp.response_mask))
 
 
 def train(cfg: PPOConfig) -> dict[str, float]:
