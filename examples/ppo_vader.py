@@ -10,6 +10,11 @@ Two runs from the same start, same prompts and seed:
   nats per response;
 * ``beta0``: the same with β = 0, no KL penalty at all.
 
+Both runs evaluate 16 held-out prompts (4 samples each) at step 0 and every ``--eval-steps``:
+VADER (the proxy), TextBlob and AFINN (gold lexicons, never optimised), KL, diversity, and the
+capability NLL on tether's general-text corpus (``eval/`` metrics, ``samples/``); ``tether report
+runs/ppo-vader/adaptive runs/ppo-vader/beta0`` draws them.
+
 Written to ``--out``: each run's directory (metrics.jsonl, TensorBoard, final model), and
 ``results.json`` with the per-iteration score / KL / β curves, and completions of a few held-out
 prompts sampled (seeded) from the base model and from each trained one.
@@ -62,6 +67,12 @@ def config(a: argparse.Namespace, name: str, beta: float, adaptive: bool) -> PPO
         save_steps=max(a.steps // 2, 1),
         exact_kl_samples=2,
         seed=a.seed,
+        # held-out evaluation: 16 prompts held out of training, 4 samples each, at step 0 and
+        # every --eval-steps; VADER is the proxy, TextBlob and AFINN the gold lexicons
+        eval_steps=a.eval_steps,
+        eval_num_prompts=16,
+        eval_samples_per_prompt=4,
+        eval_rewards=["textblob", "afinn"],
     )
 
 
@@ -91,6 +102,7 @@ def main() -> None:
     p.add_argument("--kl-target", type=float, default=3.0, help="nats per response")
     p.add_argument("--kl-horizon", type=float, default=200.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-steps", type=int, default=10, help="held-out evaluation every N")
     p.add_argument("--only", choices=["adaptive", "beta0"])
     p.add_argument("--out", default="runs/ppo-vader")
     a = p.parse_args()
@@ -105,8 +117,10 @@ def main() -> None:
         cfg = config(a, name, beta, adaptive)
         final = train(cfg)
         rows = [r for r in read_metrics(cfg.output_dir) if "score" in r]
+        evals = [r for r in read_metrics(cfg.output_dir) if "eval/kl/exact" in r]
         results["runs"][name] = {
             "final": final,
+            "eval": evals,
             "curves": {
                 k: [r.get(k) for r in rows]
                 for k in ("score", "kl/k1", "kl/k3", "kl/exact", "beta", "entropy", "s_per_step")
@@ -116,6 +130,9 @@ def main() -> None:
             f"{name}: score {rows[0]['score']:.3f} -> {rows[-1]['score']:.3f}, "
             f"KL k1 {rows[0]['kl/k1']:.2f} -> {rows[-1]['kl/k1']:.2f}, beta {rows[-1]['beta']:.4f}"
         )
+        for key in sorted(evals[0]):
+            if key.startswith("eval/"):
+                print(f"  {key}: {evals[0][key]:.4g} -> {evals[-1][key]:.4g}")
 
     base = load_policy("smollm2-135m-instruct")
     data = list(load_prompt_dataset(str(PROMPTS), base.tokenizer, as_chat=True))
@@ -132,8 +149,9 @@ def main() -> None:
         ]
         for name, texts in samples.items()
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out / 'results.json'}")
+    path = out / ("results.json" if not a.only else f"results-{a.only}.json")
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

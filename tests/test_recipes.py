@@ -45,6 +45,12 @@ def test_rl_recipe_runs_from_the_cli(algo, tiny_dir, tmp_path):
         "max_new_tokens=6",
         "save_steps=0",
         "mixed_precision=no",
+        # held-out evaluation at step 0 and at the end, small
+        "eval_num_prompts=2",
+        "eval_samples_per_prompt=2",
+        "eval_semantic=false",
+        "eval_capability_passages=4",
+        "eval_offtask_num=2",
     ]
     if algo == "trpo":
         argv.append("peft={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
@@ -52,3 +58,6 @@ def test_rl_recipe_runs_from_the_cli(algo, tiny_dir, tmp_path):
     rows = [r for r in read_metrics(out) if "score" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "final").is_dir()
+    evals = [r for r in read_metrics(out) if "eval/kl/exact" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval/kl/exact"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref at step 0

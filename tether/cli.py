@@ -3,6 +3,7 @@
 tether env                                   versions and devices, for bug reports
 tether train ALGO [--config r.yaml] [key=value ...] [--print-config | --help-config]
 tether plot RUN_DIR [--out file.png] [--keys a,b]
+tether report RUN_DIR [RUN_DIR ...] [--out report.html] [--steps 0,40,80]
 tether bon --model M --prompts FILE [--reward vader] [--n 8] [--out picks.jsonl] [...]
 tether control {ppo,ppo_penalty,trpo} [--env CartPole-v1] [--config r.yaml] [key=value ...]
 tether control eval RUN_DIR [--episodes 10] [--stochastic]
@@ -82,6 +83,29 @@ def _plot(args: argparse.Namespace) -> int:
         out = plot_run(args.run_dir, out=args.out, keys=keys)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tether plot: error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of one or more runs and print its path."""
+    from tether.eval.report import write_report
+
+    try:
+        steps = (
+            [int(s) for s in args.steps.split(",") if s.strip()] if args.steps is not None else None
+        )
+    except ValueError:
+        print(
+            f"tether report: error: --steps takes comma-separated integers, got {args.steps!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        out = write_report(args.run_dirs, out=args.out, steps=steps)
+    except (OSError, ValueError) as exc:
+        print(f"tether report: error: {exc}", file=sys.stderr)
         return 2
     print(out)
     return 0
@@ -277,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="PNG", help="image path (default RUN_DIR/metrics.png)")
     plot.add_argument("--keys", metavar="A,B", help="comma-separated metrics to draw")
     plot.set_defaults(func=_plot)
+
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report (charts and samples) of one or more runs",
+        description="Write one HTML file that opens offline: reward, √KL, KL, diversity and "
+        "capability charts with the runs overlaid, and samples coloured by per-token KL.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    report.add_argument("--out", metavar="HTML", help="report path (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--steps",
+        metavar="A,B",
+        help="sample steps to show (default: the first, middle and last samples step)",
+    )
+    report.set_defaults(func=_report)
 
     bon = sub.add_parser(
         "bon",

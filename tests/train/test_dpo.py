@@ -48,6 +48,7 @@ def _cfg(tiny_dir, prefs, out, **kw):
         max_length=64,
         max_prompt_length=32,
         seed=1,
+        eval_generate=False,
     )
     base.update(kw)
     return DPOConfig(**base)

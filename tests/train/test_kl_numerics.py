@@ -259,6 +259,7 @@ def _rl(peaky_dir, prompts, out, **kw):
         seed=0,
         mixed_precision="bf16",
         exact_kl_samples=16,
+        eval_steps=0,
     )
     base.update(kw)
     return base
@@ -371,6 +372,7 @@ def _dpo(peaky_dir, prefs, out, **kw):
         max_prompt_length=24,
         mixed_precision="bf16",
         seed=0,
+        eval_generate=False,
     )
     base.update(kw)
     return DPOConfig(**base)
@@ -408,6 +410,7 @@ def test_online_dpo_first_step_is_exact_under_bf16(peaky_dir, prompts, tmp_path)
         save_steps=0,
         mixed_precision="bf16",
         seed=0,
+        eval_steps=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

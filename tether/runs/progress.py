@@ -109,6 +109,14 @@ class Progress:
         elif self.plain and metrics:
             print(self._plain_line(step, text), flush=True)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (or a plain line without a terminal), on the main process: for
+        stages that take a while, such as a held-out evaluation."""
+        if self._bar is not None:
+            self._bar.console.print(text)
+        elif self.plain:
+            print(text, flush=True)
+
     def _plain_line(self, step: int, text: str) -> str:
         done = step - self._start_step
         elapsed = time.perf_counter() - self._start_time

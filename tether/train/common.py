@@ -14,6 +14,7 @@ from accelerate.utils import AutocastKwargs, set_seed
 from torch import nn
 from transformers import get_scheduler
 
+from tether.eval.heldout import EvalConfig
 from tether.models import Policy, load_policy
 from tether.models.checkpointing import (
     CheckpointMode,
@@ -74,8 +75,9 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class SamplingTrainConfig(TrainConfig):
-    """Fields of the trainers that sample from the policy (the RL trainers, online DPO)."""
+class SamplingTrainConfig(EvalConfig, TrainConfig):
+    """Fields of the trainers that sample from the policy (the RL trainers, online DPO), and
+    their held-out evaluation (:class:`tether.eval.heldout.EvalConfig`)."""
 
     prompts: str = option("", help="Prompt data (JSONL/JSON/CSV/Parquet) with a 'prompt' column.")
     as_chat: bool = option(False, help="Wrap plain-string prompts as a user message.")
@@ -86,9 +88,14 @@ class SamplingTrainConfig(TrainConfig):
     top_p: float = option(1.0, help="Nucleus sampling mass (1: off).")
     rollout_dtype: RolloutDtype = option("auto", help=ROLLOUT_DTYPE_HELP)
     kl_precision: KLPrecision = option("fp32", help=KL_PRECISION_HELP)
+    eval_steps: int = option(
+        25,
+        help="Held-out evaluation (eval/ metrics, samples/) at step 0 and every N steps (0: off).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_eval()
         if self.kl_precision == "fp32" and self.dtype == "bfloat16":
             raise ValueError(
                 "kl_precision=fp32 needs fp32 weights, but dtype=bfloat16: use dtype=float32 "
@@ -345,3 +352,46 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def split_heldout_prompts(
+    cfg: SamplingTrainConfig, tokenizer: Any, examples: list[Any], global_batch: int
+) -> tuple[list[Any], list[Any]]:
+    """(train, eval) prompts: all of ``examples`` and ``cfg.eval_prompts`` when given, else a
+    seeded hold-out of ``eval_num_prompts`` training prompts (none when eval_steps is 0)."""
+    from tether.data import load_prompt_dataset
+    from tether.eval.heldout import split_eval_prompts
+
+    if not cfg.eval_steps or not cfg.eval_generate:
+        return examples, []
+    if cfg.eval_prompts:
+        held = load_prompt_dataset(
+            cfg.eval_prompts,
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            as_chat=cfg.as_chat,
+        )
+        return examples, list(held)[: cfg.eval_num_prompts]
+    return split_eval_prompts(examples, cfg.eval_num_prompts, cfg.seed, global_batch)
+
+
+def make_evaluator(
+    cfg: Any, tokenizer: Any, prompts: list[Any], proxy: str | None, run_path: Any, acc: Any
+) -> Any:
+    """The run's :class:`tether.eval.heldout.HeldOutEvaluator`, or None when eval_steps is 0."""
+    from tether.eval.heldout import HeldOutEvaluator
+
+    if not cfg.eval_steps or not cfg.eval_generate:
+        return None
+    return HeldOutEvaluator(cfg, tokenizer, prompts, proxy, run_path, acc)
+
+
+def save_policy_to(model: nn.Module, tokenizer: Any) -> Any:
+    """A ``save(dir)`` that writes the policy (adapter for LoRA) and tokenizer, as ``final/`` is
+    written: for ``best/``. ``model``: the bare policy model, not the prepared module."""
+
+    def save(path: Any) -> None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return save

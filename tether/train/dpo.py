@@ -30,7 +30,8 @@ import torch
 from tether.core.kl import exact_from_logits, k3
 from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
-from tether.data import PreferenceExample, collate_preferences
+from tether.data import PreferenceExample, PromptExample, collate_preferences, load_prompt_dataset
+from tether.eval.heldout import EvalConfig
 from tether.models import cache_dir, forward_logprobs
 from tether.models.numerics import HALF_PRECISIONS
 from tether.reference import (
@@ -48,19 +49,29 @@ from tether.train.common import (
     load_preference_split,
     load_trainable_policy,
     make_accelerator,
+    make_evaluator,
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
     optimizer_step,
     resolve_mixed_precision,
+    save_policy_to,
     split_micro_batches,
 )
 
 
 @dataclass
-class DPOConfig(PreferenceDataConfig):
-    """Offline DPO-family training."""
+class DPOConfig(EvalConfig, PreferenceDataConfig):
+    """Offline DPO-family training; at each evaluation also held-out sampling
+    (:class:`tether.eval.heldout.EvalConfig`; eval prompts default to the held-out pairs')."""
 
+    reward: str | None = option(
+        None,
+        help="The reward the preference labels came from (the proxy), measured on held-out "
+        "samples as eval/proxy (null: none); eval_rewards are the gold ones.",
+    )
+    max_new_tokens: int = option(64, help="Response length cap of held-out samples.")
+    temperature: float = option(1.0, help="Sampling temperature of held-out samples.")
     beta: float = option(0.1, help="β: KL coefficient of the implicit objective (τ for IPO).")
     loss_type: DPOLossType = option(
         "sigmoid", help="sigmoid | cdpo | ipo | robust | hinge | chi2po."
@@ -94,6 +105,9 @@ class DPOConfig(PreferenceDataConfig):
             raise ValueError("max_prompt_length must be < max_length")
         if self.exact_kl_samples < 0 or self.eval_steps < 1:
             raise ValueError("exact_kl_samples must be ≥ 0 and eval_steps ≥ 1")
+        if self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ValueError("max_new_tokens must be ≥ 1 and temperature > 0")
+        self.check_eval()
 
     @property
     def reference_kind(self) -> str:
@@ -164,7 +178,7 @@ def build_reference(
             data_fingerprint=data_fp,
         )
         live = None
-        if cfg.exact_kl_samples > 0:
+        if cfg.exact_kl_samples > 0 or (cfg.eval_generate and cfg.eval_steps):
             live = (
                 make_reference("adapter", model)
                 if hasattr(model, "peft_config")
@@ -269,6 +283,33 @@ def evaluate(
     return {f"eval/{k}": v for k, v in _mean_stats(chunks).items()}
 
 
+def heldout_prompts(
+    cfg: DPOConfig, tokenizer: Any, eval_ex: list[PreferenceExample]
+) -> list[PromptExample]:
+    """The prompts held-out sampling uses: ``eval_prompts`` if given, else the distinct prompts
+    of the held-out pairs, in order."""
+    if not cfg.eval_generate:
+        return []
+    if cfg.eval_prompts:
+        held = load_prompt_dataset(
+            cfg.eval_prompts,
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            as_chat=cfg.as_chat,
+        )
+        return list(held)[: cfg.eval_num_prompts]
+    seen: dict[str, PromptExample] = {}
+    for e in eval_ex:
+        if e.prompt not in seen:
+            seen[e.prompt] = PromptExample(e.index, e.prompt, list(e.prompt_ids), None)
+    if not seen:
+        raise ValueError(
+            "held-out sampling needs eval prompts: give eval_prompts, hold out pairs "
+            "(eval_data / eval_fraction > 0), or set eval_generate=false"
+        )
+    return list(seen.values())[: cfg.eval_num_prompts]
+
+
 def train(cfg: DPOConfig) -> dict[str, float]:
     """Run offline DPO as configured; returns the final metrics."""
     if not cfg.train_data:
@@ -292,17 +333,30 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     cursor = DataCursor(
         len(train_ex), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index
     )
+    evaluator = make_evaluator(
+        cfg, tok, heldout_prompts(cfg, tok, eval_ex), cfg.reward, run.path, acc
+    )
     if states:
         cursor.load_state_dict(states["cursor"])
         reference.load_state_dict(states["reference"])
+        if evaluator is not None and "evaluator" in states:
+            evaluator.load_state_dict(states["evaluator"])
 
     final: dict[str, float] = {}
+    save_best = save_policy_to(model, tok)
     window: list[dict[str, torch.Tensor]] = []
     tokens, window_steps, t0 = 0, 0, time.perf_counter()
     n_micro = cfg.gradient_accumulation_steps
     with Progress(
         cfg.max_steps, initial=step, metrics=("loss", "rewards/accuracy"), accelerator=acc
     ) as bar:
+        if evaluator is not None:
+            evaluator.note = bar.note
+            if step == 0:
+                final.update(evaluator.evaluate(model, live_ref, 0, acc.autocast))
+                evaluator.track(0, final, save_best)
+                run.log(0, final)
+                t0 = time.perf_counter()
         while step < cfg.max_steps:
             module.train()
             micro = split_micro_batches(cursor.next_indices(), n_micro)
@@ -348,18 +402,34 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                 window, tokens, window_steps, t0 = [], 0, 0, time.perf_counter()
             else:
                 bar.update(step)
-            if eval_ex and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-                ev = evaluate(module, reference, eval_ex, cfg, pad_id, acc.device)
-                run.log(step, ev)
-                final.update(ev)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            stop = False
+            if step % cfg.eval_steps == 0 or step == cfg.max_steps:
+                t_eval = time.perf_counter()
+                ev = (
+                    evaluate(module, reference, eval_ex, cfg, pad_id, acc.device) if eval_ex else {}
+                )
+                if evaluator is not None:
+                    ev.update(evaluator.evaluate(model, live_ref, step, acc.autocast))
+                    evaluator.track(step, ev, save_best)
+                    stop = evaluator.should_stop
+                if ev:
+                    run.log(step, ev)
+                    final.update(ev)
+                t0 += time.perf_counter() - t_eval  # s_per_step stays the training time
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stop:
                 run.save(
                     step,
                     models={"policy": model_state_for_checkpoint(model)},
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    states={"cursor": cursor.state_dict(), "reference": reference.state_dict()},
+                    states={
+                        "cursor": cursor.state_dict(),
+                        "reference": reference.state_dict(),
+                        **({} if evaluator is None else {"evaluator": evaluator.state_dict()}),
+                    },
                 )
+            if stop:
+                break
     acc.wait_for_everyone()
     if acc.is_main_process:
         out = run.path / "final"

@@ -45,10 +45,13 @@ from tether.train.common import (
     SamplingTrainConfig,
     load_trainable_policy,
     make_accelerator,
+    make_evaluator,
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
     resolve_mixed_precision,
+    save_policy_to,
+    split_heldout_prompts,
 )
 from tether.train.dpo import sequence_logps
 
@@ -142,10 +145,15 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     acc = make_accelerator(cfg)
     policy = load_trainable_policy(cfg)
     tok = policy.tokenizer
-    data = list(
-        load_prompt_dataset(
-            cfg.prompts, tok, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
-        )
+    data, eval_prompts = split_heldout_prompts(
+        cfg,
+        tok,
+        list(
+            load_prompt_dataset(
+                cfg.prompts, tok, max_prompt_length=cfg.max_prompt_length, as_chat=cfg.as_chat
+            )
+        ),
+        cfg.batch_size * acc.num_processes,
     )
     model = policy.model.to(acc.device)
     reference = make_reference(cfg.reference, model)
@@ -167,10 +175,13 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     run = RunDir.from_config(cfg, acc)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+    evaluator = make_evaluator(cfg, tok, eval_prompts, cfg.judge, run.path, acc)
     if states:
         cursor.load_state_dict(states["cursor"])
         reference.load_state_dict(states["reference"])
         controller.load_state_dict(states["beta"])
+        if evaluator is not None and "evaluator" in states:
+            evaluator.load_state_dict(states["evaluator"])
 
     sampler = rollout_weights(
         model,
@@ -179,11 +190,18 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         sharded=str(acc.distributed_type) in SHARDED,
     )
     final: dict[str, float] = {}
+    save_best = save_policy_to(model, tok)
     window: list[dict[str, float]] = []
-    t0 = time.perf_counter()
     with Progress(
         cfg.max_steps, initial=step, metrics=("score", "kl/k1", "beta"), accelerator=acc
     ) as bar:
+        if evaluator is not None:
+            evaluator.note = bar.note
+            if step == 0:
+                final.update(evaluator.evaluate(model, reference, 0, acc.autocast))
+                evaluator.track(0, final, save_best)
+                run.log(0, final)
+        t0 = time.perf_counter()
         while step < cfg.max_steps:
             examples = [data[i] for i in cursor.next_indices()]
             prompt_ids = [e.prompt_ids for e in examples for _ in range(2)]
@@ -275,7 +293,14 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             step += 1
             reference.on_step(model, step)
             window.append(stats)
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            evaluated = evaluator is not None and (evaluator.due(step) or step == cfg.max_steps)
+            eval_metrics: dict[str, float] = {}
+            if evaluated:
+                t_eval = time.perf_counter()
+                eval_metrics = evaluator.evaluate(model, reference, step, acc.autocast)
+                evaluator.track(step, eval_metrics, save_best)
+                t0 += time.perf_counter() - t_eval  # s_per_step stays the training time
+            if evaluated or step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 keys = {k for w in window for k in w}
                 metrics = {
                     k: sum(w[k] for w in window if k in w) / sum(k in w for w in window)
@@ -283,11 +308,13 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                 }
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 metrics["s_per_step"] = (time.perf_counter() - t0) / len(window)
+                metrics.update(eval_metrics)
                 run.log(step, metrics)
                 final.update(metrics)
                 window, t0 = [], time.perf_counter()
             bar.update(step, final)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            stop = evaluator is not None and evaluator.should_stop
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stop:
                 run.save(
                     step,
                     models={"policy": model_state_for_checkpoint(model)},
@@ -297,8 +324,11 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                         "cursor": cursor.state_dict(),
                         "reference": reference.state_dict(),
                         "beta": controller.state_dict(),
+                        **({} if evaluator is None else {"evaluator": evaluator.state_dict()}),
                     },
                 )
+            if stop:
+                break
     acc.wait_for_everyone()
     if acc.is_main_process:
         model.save_pretrained(run.path / "final")

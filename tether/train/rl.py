@@ -66,10 +66,13 @@ from tether.train.common import (
     SamplingTrainConfig,
     load_trainable_policy,
     make_accelerator,
+    make_evaluator,
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
     resolve_mixed_precision,
+    save_policy_to,
+    split_heldout_prompts,
 )
 
 KLPlacement = Literal["reward", "loss", "none"]
@@ -622,7 +625,9 @@ def train_loop(
     acc = make_accelerator(cfg)
     policy = load_trainable_policy(cfg)
     tok = policy.tokenizer
-    data = load_prompts(cfg, tok)
+    data, eval_prompts = split_heldout_prompts(
+        cfg, tok, load_prompts(cfg, tok), cfg.batch_size * acc.num_processes
+    )
     model = policy.model.to(acc.device)
     reference = build_reference(cfg, model)
     if cfg.kl_precision == "fp32":
@@ -651,10 +656,14 @@ def train_loop(
         models["value_head"] = head
     step, restored = run.restore(models=models, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+    evaluator = make_evaluator(cfg, tok, eval_prompts, cfg.reward, run.path, acc)
     stateful = {"cursor": cursor, "reference": reference, "kl_controller": controller, **states}
+    if evaluator is not None:
+        stateful["evaluator"] = evaluator
     if restored:
         for name, obj in stateful.items():
-            obj.load_state_dict(restored[name])
+            if name in restored:  # (a run resumed with held-out evaluation newly turned on)
+                obj.load_state_dict(restored[name])
     session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference)
     sampler_weights = rollout_weights(
         model,
@@ -664,9 +673,16 @@ def train_loop(
     )
 
     final: dict[str, float] = {}
+    save_best = save_policy_to(model, tok)
     with Progress(
         cfg.max_steps, initial=step, metrics=("score", "kl/k1", "beta"), accelerator=acc
     ) as bar:
+        if evaluator is not None:
+            evaluator.note = bar.note
+            if step == 0:
+                final.update(evaluator.evaluate(model, reference, 0, acc.autocast))
+                evaluator.track(0, final, save_best)
+                run.log(0, final)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             examples = [data[i] for i in cursor.next_indices()]
@@ -708,11 +724,16 @@ def train_loop(
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["s_per_step"] = time.perf_counter() - t0
             metrics["tokens_per_s"] = float(exp.attention_mask.sum()) / metrics["s_per_step"]
+            evaluated = evaluator is not None and (evaluator.due(step) or step == cfg.max_steps)
+            if evaluated:
+                metrics.update(evaluator.evaluate(model, reference, step, acc.autocast))
+                evaluator.track(step, metrics, save_best)
             final.update(metrics)
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            if evaluated or step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 run.log(step, metrics)
             bar.update(step, metrics)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            stop = evaluator is not None and evaluator.should_stop
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stop:
                 saved: dict[str, Any] = {"policy": model_state_for_checkpoint(model)}
                 if head is not None:
                     saved["value_head"] = head
@@ -723,6 +744,8 @@ def train_loop(
                     scheduler=scheduler,
                     states={name: obj.state_dict() for name, obj in stateful.items()},
                 )
+            if stop:
+                break
     acc.wait_for_everyone()
     if acc.is_main_process:
         model.save_pretrained(run.path / "final")
