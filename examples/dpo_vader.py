@@ -149,7 +149,7 @@ def main() -> None:
         batch_size=8,
         gradient_accumulation_steps=1,
         logging_steps=10,
-        eval_steps=20,
+        eval_steps=40,
         save_steps=a.steps,
         warmup_steps=10,
         lr_scheduler="cosine",
@@ -157,6 +157,11 @@ def main() -> None:
         max_prompt_length=96,
         seed=a.seed,
         exact_kl_samples=2,
+        # held-out sampling at steps 0, 40, 80, 120 (eval/ metrics, samples/, `tether report`):
+        # VADER is the proxy the pairs were labelled by, TextBlob and AFINN gold lexicons
+        reward="vader",
+        max_new_tokens=a.max_new_tokens,
+        eval_rewards=["textblob", "afinn"],
     )
     t = time.perf_counter()
     final = train(cfg)

@@ -304,10 +304,13 @@ def test_cli_bon_end_to_end(tiny_dir, tmp_path, capsys):
         "--as-chat",
         "--out", str(out),
         "--seed", "0",
+        "--eval-reward", "tests.helpers.rewards:lowercase_fraction",
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for label in ("mean reward, plain samples", "mean reward, best-of-n", "KL bound", "± "):
+        assert label in printed
+    for label in ("gold lowercase_fraction, best-of-n", "proxy–gold gap (lowercase_fraction"):
         assert label in printed
     assert f"{best_of_n_kl(4):.4f}" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -316,6 +319,9 @@ def test_cli_bon_end_to_end(tiny_dir, tmp_path, capsys):
         assert text in r["prompt"] and r["prompt"].startswith("<|im_start|>user")
         assert len(r["candidate_rewards"]) == 4
         assert r["reward"] == max(r["candidate_rewards"]) == len(r["completion"]) / 100
+        c = r["completion"]
+        lower = sum("a" <= ch <= "z" for ch in c) / len(c) if c else 0.0
+        assert r["gold/lowercase_fraction"] == pytest.approx(lower)
 
 
 def test_cli_bon_reports_bad_reward(tiny_dir, tmp_path, capsys):
@@ -324,3 +330,34 @@ def test_cli_bon_reports_bad_reward(tiny_dir, tmp_path, capsys):
     argv = ["bon", "--model", str(tiny_dir), "--prompts", str(prompts), "--reward", "nope"]
     assert main(argv) == 2
     assert "unknown reward 'nope'" in capsys.readouterr().err
+
+
+def test_gold_rewards_are_measured_on_the_candidates_and_never_pick(policy):
+    """A gold that is the proxy's negative: the picks are the proxy's argmax all the same, the
+    gold of the picks is the negated proxy of the picks, and the standardised gap is twice the
+    proxy's gain in its own σ units."""
+    ids = [policy.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+
+    def negated(prompts, completions):
+        return [-v for v in ascii_fraction(prompts, completions)]
+
+    kw = dict(calibration=CALIBRATION, seed=0, batch_size=80)
+    plain = best_of_n(policy.model, policy.tokenizer, ids, ascii_fraction, N, SAMPLING, **kw)
+    res = best_of_n(
+        policy.model,
+        policy.tokenizer,
+        ids,
+        ascii_fraction,
+        N,
+        SAMPLING,
+        gold_rewards={"neg": negated},
+        **kw,
+    )
+    assert res.picks == plain.picks and res.rewards == plain.rewards
+    assert res.gold["neg"] == [[-v for v in row] for row in res.rewards]
+    assert res.gold_bon("neg") == pytest.approx(-res.mean_reward_bon)
+    assert res.gold_plain("neg") == pytest.approx(-res.mean_reward_plain)
+    sd = float(np.std(res.rewards))
+    gain = (res.mean_reward_bon - res.mean_reward_plain) / sd
+    assert res.proxy_gold_gap("neg") == pytest.approx(2 * gain)
+    assert gain > 0

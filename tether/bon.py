@@ -44,8 +44,8 @@ consistent as m → ∞.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,8 @@ class BoNResult:
         picks: (P,) index of the chosen candidate: the first argmax of its row of ``rewards``.
         kl_bound: log n − (n − 1)/n, the KL for a reward without ties (an upper bound).
         kl: the Monte-Carlo estimate of KL(π_BoN ‖ π), see :func:`bon_kl_estimate`.
+        gold: name → (P, n) rewards of the candidates under each *gold* reward: measured on the
+            same samples, never used to pick (held-out evaluation of what the pick buys).
     """
 
     n: int
@@ -160,6 +162,7 @@ class BoNResult:
     picks: list[int]
     kl_bound: float
     kl: KLEstimate
+    gold: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @property
     def completions(self) -> list[str]:
@@ -181,6 +184,24 @@ class BoNResult:
         """Mean reward of all P·n candidates: the estimate of E_π[r] (≤ ``mean_reward_bon``)."""
         return float(np.mean(self.rewards))
 
+    def gold_bon(self, name: str) -> float:
+        """Mean gold reward ``name`` of the picks: E_{π_BoN}[r_gold]."""
+        return float(np.mean([row[j] for row, j in zip(self.gold[name], self.picks, strict=True)]))
+
+    def gold_plain(self, name: str) -> float:
+        """Mean gold reward ``name`` of all candidates: E_π[r_gold]."""
+        return float(np.mean(self.gold[name]))
+
+    def proxy_gold_gap(self, name: str) -> float:
+        """What best-of-n gains on the proxy minus what it gains on gold ``name``, each in units
+        of its spread over the plain samples (:func:`tether.eval.heldout.standardised_gap`,
+        with π's samples as the baseline): large when the pick chases the proxy alone."""
+        from tether.eval.heldout import mean_std, standardised_gap
+
+        proxy = mean_std([v for row in self.rewards for v in row])
+        gold = mean_std([v for row in self.gold[name] for v in row])
+        return standardised_gap(self.mean_reward_bon, self.gold_bon(name), proxy, gold)
+
 
 def best_of_n(
     model: Any,
@@ -194,6 +215,7 @@ def best_of_n(
     seed: int | None = None,
     prompts: Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    gold_rewards: Mapping[str, RewardFn] | None = None,
 ) -> BoNResult:
     """Best-of-n for each prompt, with the KL to the sampling policy bounded and estimated.
 
@@ -218,6 +240,8 @@ def best_of_n(
         prompts: (P,) the prompt texts given to ``reward_fn`` (``PromptExample.prompt``);
             default: ``prompt_ids`` decoded with special tokens kept.
         batch_size: sequences per ``generate`` call.
+        gold_rewards: name → reward function, measured on the n candidates (never used to
+            pick): :attr:`BoNResult.gold`.
 
     Returns:
         A :class:`BoNResult`.
@@ -259,6 +283,12 @@ def best_of_n(
     r = np.asarray(scores.values).reshape(len(prompt_ids), per_prompt)  # (P, n+m)
     candidates, calib = r[:, :n], r[:, n:]  # (P, n), (P, m)
     picks = candidates.argmax(axis=1)  # (P,) first maximum
+    gold: dict[str, list[list[float]]] = {}
+    cand_texts = [texts[i * per_prompt + j] for i in range(len(prompt_ids)) for j in range(n)]
+    cand_prompts = [p for p in prompts for _ in range(n)]
+    for name, fn in (gold_rewards or {}).items():
+        g = validate_rewards(fn(cand_prompts, cand_texts), len(cand_texts), name)
+        gold[name] = np.asarray(g.values).reshape(len(prompt_ids), n).tolist()
     return BoNResult(
         n=n,
         calibration=calibration,
@@ -268,4 +298,5 @@ def best_of_n(
         picks=picks.tolist(),
         kl_bound=best_of_n_kl(n),
         kl=bon_kl_estimate(candidates[np.arange(len(picks)), picks], calib, n),
+        gold=gold,
     )

@@ -130,6 +130,13 @@ def _bon(args: argparse.Namespace) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
         reward = make_reward(args.reward)
+        from tether.eval.heldout import reward_names
+
+        gold_specs = list(args.eval_reward or [])
+        gold = {
+            name: make_reward(spec)
+            for name, spec in zip(reward_names(gold_specs), gold_specs, strict=True)
+        }
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         policy = load_policy(args.model, device=device)
         data = load_prompt_dataset(
@@ -151,6 +158,7 @@ def _bon(args: argparse.Namespace) -> int:
             seed=args.seed,
             prompts=[e.prompt for e in examples],
             batch_size=args.batch_size,
+            gold_rewards=gold,
         )
     except (ValueError, ImportError, OSError) as exc:  # DataError and RewardError included
         print(f"tether bon: error: {exc}", file=sys.stderr)
@@ -165,6 +173,10 @@ def _bon(args: argparse.Namespace) -> int:
         ("KL bound log n − (n−1)/n", f"{result.kl_bound:.4f}"),
         ("KL estimate ± SE", f"{kl.mean:.4f} ± {kl.stderr:.4f}"),
     ]
+    for name in result.gold:
+        rows.append((f"gold {name}, plain samples", f"{result.gold_plain(name):.4f}"))
+        rows.append((f"gold {name}, best-of-n", f"{result.gold_bon(name):.4f}"))
+        rows.append((f"proxy–gold gap ({name}, σ units)", f"{result.proxy_gold_gap(name):.3f}"))
     width = max(len(name) for name, _ in rows)
     print(f"best-of-{result.n} with reward {args.reward!r} on {args.prompts}")
     for name, value in rows:
@@ -178,8 +190,8 @@ def _bon(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
-            for e, completion, reward_value, rewards in zip(
-                examples, result.completions, result.pick_rewards, result.rewards, strict=True
+            for i, (e, completion, reward_value, rewards) in enumerate(
+                zip(examples, result.completions, result.pick_rewards, result.rewards, strict=True)
             ):
                 record = {
                     "index": e.index,
@@ -188,6 +200,8 @@ def _bon(args: argparse.Namespace) -> int:
                     "reward": reward_value,
                     "candidate_rewards": rewards,
                 }
+                for name, values in result.gold.items():
+                    record[f"gold/{name}"] = values[i][result.picks[i]]
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"picks written to {out}")
     return 0
@@ -331,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="vader",
         help="built-in name (an unknown one lists them), reward-model dir or module:function "
         "(default: %(default)s)",
+    )
+    bon.add_argument(
+        "--eval-reward",
+        action="append",
+        metavar="SPEC",
+        help="a gold reward measured on the candidates, never used to pick (repeatable): its "
+        "mean over plain samples and over the picks, and the proxy–gold gap",
     )
     bon.add_argument(
         "--n", type=int, default=8, help="candidates per prompt (default: %(default)s)"

@@ -31,7 +31,9 @@ def test_standardised_gap_hand_values():
     # proxy up 0.3 with step-0 σ 0.1 (+3σ); gold down 0.2 with σ 0.4 (−0.5σ): gap 3.5
     assert standardised_gap(0.5, 0.8, (0.2, 0.1), (1.0, 0.4)) == pytest.approx(3.5)
     assert standardised_gap(0.2, 1.0, (0.2, 0.1), (1.0, 0.4)) == 0.0  # at step 0
-    assert standardised_gap(1.2, 1.0, (0.2, 0.0), (1.0, 0.0)) == pytest.approx(1.0)  # σ 0 → 1
+    # a step-0 σ of 0 is replaced by the spread now, and by 1 when that is 0 too
+    assert standardised_gap(1.2, 1.0, (0.2, 0.0), (1.0, 0.0), (0.5, 0.0)) == pytest.approx(2.0)
+    assert standardised_gap(1.2, 1.0, (0.2, 0.0), (1.0, 0.0)) == pytest.approx(1.0)
 
 
 def test_slope_and_overoptimising():
@@ -233,6 +235,25 @@ def test_rl_eval_metrics_and_samples(ppo_run, capsys):
     )
 
 
+def test_report_of_a_real_eval_run(ppo_run, tmp_path):
+    """The report of a trainer's run: every eval chart, and the tokens of the last step's samples
+    with their log-probs and exact KL in the tooltip."""
+    import html
+
+    from tether.eval.report import write_report
+
+    out = write_report([ppo_run], out=tmp_path / "r.html")
+    text = out.read_text()
+    assert "Proxy vs gold" in text and text.count("<svg") >= 6
+    assert "https://" not in text and "http://" not in text
+    last = json.loads((ppo_run / "samples" / "step-000012.jsonl").read_text().splitlines()[0])
+    tip = (
+        f"log π = {last['logp'][0]:.2f}, log π_ref = {last['ref_logp'][0]:.2f}, "
+        f"KL = {last['token_kl'][0]:.2f}"
+    )
+    assert html.escape(tip) in text or tip in text
+
+
 def test_rl_warns_once_when_proxy_rises_and_gold_falls(tiny_dir, files, tmp_path, capsys):
     from tether.train.ppo import train
 
@@ -328,7 +349,7 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
     from tether.train.dpo import DPOConfig, train
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
-    rows = [{"prompt": f"Say {i}:", "chosen": "eeee eee", "rejected": "xkq zzv"} for i in range(40)]
+    rows = [{"prompt": f"Say {i}:", "chosen": "eeeeeeee", "rejected": "xkq zzv"} for i in range(40)]
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "dpo"
@@ -336,14 +357,14 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
         model=str(tiny_dir),
         train_data=str(prefs),
         output_dir=str(out),
-        learning_rate=3e-3,
+        learning_rate=5e-3,
         lr_scheduler="constant",
         batch_size=8,
         max_steps=12,
         logging_steps=4,
         eval_steps=6,
         save_steps=0,
-        beta=0.5,
+        beta=0.1,
         max_length=48,
         max_prompt_length=16,
         seed=1,
@@ -357,8 +378,8 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert evals[0]["eval/kl/exact"] == pytest.approx(0.0, abs=1e-6)  # live copy = policy
     assert "eval/loss" in evals[-1]  # the preference eval still runs beside it
-    assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"]  # it learned to write 'e'
-    assert evals[-1]["eval/proxy_gold_gap"] > 1.0
+    assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"] + 0.05  # it learned to write 'e'
+    assert evals[-1]["eval/proxy_gold_gap"] > 0.5
     rows = [json.loads(x) for x in (out / "samples" / "step-000012.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows} <= {f"Say {i}:" for i in range(40)}
     assert len(rows) == 8 * 4  # 8 held-out prompts (40 × 0.2), 4 samples each

@@ -21,7 +21,7 @@ NOT_CALLABLE = 3
 
 
 def test_builtins():
-    assert set(BUILTIN_REWARDS) == {"vader", "length"}
+    assert set(BUILTIN_REWARDS) == {"vader", "length", "textblob", "afinn"}
     assert isinstance(make_reward("vader"), VaderSentiment)
     assert isinstance(make_reward("length"), Length)
     assert make_reward("vader") is not make_reward("vader")  # a fresh one each time
@@ -65,9 +65,27 @@ def test_reward_model_directory(tmp_path):
 
 
 def test_unknown_spec_lists_builtins(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown reward 'sentiment'.*\(length, vader\)"):
+    with pytest.raises(ValueError, match=r"unknown reward 'sentiment'.*\(afinn, length, textblob, vader\)"):
         make_reward("sentiment")
     with pytest.raises(ValueError, match="non-empty string"):
         make_reward("")
     with pytest.raises(FileNotFoundError, match="not a tether reward model directory"):
         make_reward(str(tmp_path))
+
+
+def test_gold_lexicons_hand_values():
+    """TextBlob's polarity is the mean of its phrases' polarities (so repeating a positive word
+    does not raise it, unlike VADER's squashed sum); AFINN is valence per word / 5."""
+    from afinn import Afinn
+    from textblob import TextBlob
+
+    texts = ["good", "good good good", "The plot was dull and the acting poor.", ""]
+    tb = make_reward("textblob")([""] * 4, texts)
+    assert tb[0] == pytest.approx(tb[1]) and tb[0] == TextBlob("good").sentiment.polarity > 0
+    assert tb[2] == TextBlob(texts[2]).sentiment.polarity < 0 and tb[3] == 0.0
+    af = make_reward("afinn")([""] * 4, texts)
+    good = Afinn().score("good")
+    assert af[0] == pytest.approx(good / 5) and af[1] == pytest.approx(3 * good / (5 * 3))
+    assert af[2] == pytest.approx(Afinn().score(texts[2]) / (5 * 8)) and af[3] == 0.0
+    vader = make_reward("vader")([""] * 2, texts[:2])
+    assert vader[1] > vader[0]  # VADER's sum grows with repetition

@@ -171,6 +171,20 @@ def test_progress_prints_plain_lines_off_a_terminal(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_progress_notes_and_excluded_stages(capsys, monkeypatch):
+    """A note is its own plain line; a one-off stage left out by ``exclude`` does not count in
+    s/step (here: a 100 s evaluation before a 2 s step)."""
+    clock = iter([0.0, 102.0])
+    monkeypatch.setattr("tether.runs.progress.time.perf_counter", lambda: next(clock))
+    with Progress(total=5) as bar:
+        bar.note("eval step 0: 100.0 s")
+        bar.exclude(100.0)
+        bar.update(1, {"loss": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "eval step 0: 100.0 s"
+    assert lines[1].startswith("train step 1/5  s/step 2  ETA 0m08s")
+
+
 def test_progress_shows_step_and_chosen_metrics():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=150)

@@ -200,13 +200,23 @@ def reward_names(specs: Sequence[str]) -> list[str]:
 
 
 def standardised_gap(
-    proxy: float, gold: float, base_proxy: tuple[float, float], base_gold: tuple[float, float]
+    proxy: float,
+    gold: float,
+    base_proxy: tuple[float, float],
+    base_gold: tuple[float, float],
+    spread_now: tuple[float, float] = (1.0, 1.0),
 ) -> float:
-    """(proxy − μ_p)/σ_p − (gold − μ_g)/σ_g with the step-0 (μ, σ) of each; a σ of 0 counts as 1.
+    """(proxy − μ_p)/σ_p − (gold − μ_g)/σ_g with the step-0 (μ, σ) of each.
 
-    0 at step 0; grows when the proxy improves more (in its own step-0 spread) than the gold."""
-    sp = base_proxy[1] if base_proxy[1] > 0 else 1.0
-    sg = base_gold[1] if base_gold[1] > 0 else 1.0
+    0 at step 0; grows when the proxy improves more (in its own step-0 spread) than the gold.
+    A step-0 σ of 0 (every sample scored the same, e.g. a reward that is 0 until the policy
+    finds it) is replaced by that reward's spread now, ``spread_now`` (proxy, gold), and by 1 if
+    that is 0 too."""
+
+    def scale(base: float, now: float) -> float:
+        return base if base > 0 else (now if now > 0 else 1.0)
+
+    sp, sg = scale(base_proxy[1], spread_now[0]), scale(base_gold[1], spread_now[1])
     return (proxy - base_proxy[0]) / sp - (gold - base_gold[0]) / sg
 
 
@@ -745,6 +755,7 @@ class HeldOutEvaluator:
         for n in self.gold_names:
             h.gold.setdefault(n, []).append(metrics[f"eval/gold/{n}"])
         if "eval/proxy" in metrics and "proxy" in self.baseline:
+            proxy_sd = mean_std([r["rewards"]["proxy"] for r in records])[1]
             for i, n in enumerate(self.gold_names):
                 if n not in self.baseline:
                     continue
@@ -753,6 +764,7 @@ class HeldOutEvaluator:
                     metrics[f"eval/gold/{n}"],
                     self.baseline["proxy"],
                     self.baseline[n],
+                    (proxy_sd, mean_std([r["rewards"][n] for r in records])[1]),
                 )
                 out[f"eval/proxy_gold_gap/{n}"] = gap
                 if i == 0:

@@ -11,7 +11,7 @@ rewards. These two score sentiment with other lexicons and, above all, another a
   summed over the completion and divided by 5 × the number of words, so in [−1, 1]: valence per
   word, which falls when a text pads a few positive words with anything else.
 
-Both are imported on first use; ``pip install afinn textblob`` (tether's ``gold`` extra).
+Both are tether dependencies, imported on first use.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ def _require(module: str, package: str, name: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"reward {name!r} needs the {package!r} package: pip install {package} "
-            "(or tether's gold extra: pip install 'tether[gold]')"
+            f"reward {name!r} needs the {package!r} package: pip install {package}"
         ) from e
 
 

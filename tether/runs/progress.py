@@ -109,6 +109,11 @@ class Progress:
         elif self.plain and metrics:
             print(self._plain_line(step, text), flush=True)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (a one-off stage, e.g. the step-0 evaluation) out of s/step and the
+        ETA."""
+        self._start_time += seconds
+
     def note(self, text: str) -> None:
         """A line above the bar (or a plain line without a terminal), on the main process: for
         stages that take a while, such as a held-out evaluation."""

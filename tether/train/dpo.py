@@ -356,6 +356,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                 final.update(evaluator.evaluate(model, live_ref, 0, acc.autocast))
                 evaluator.track(0, final, save_best)
                 run.log(0, final)
+                bar.exclude(final["eval/seconds"])
                 t0 = time.perf_counter()
         while step < cfg.max_steps:
             module.train()

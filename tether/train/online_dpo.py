@@ -201,6 +201,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                 final.update(evaluator.evaluate(model, reference, 0, acc.autocast))
                 evaluator.track(0, final, save_best)
                 run.log(0, final)
+                bar.exclude(final["eval/seconds"])
         t0 = time.perf_counter()
         while step < cfg.max_steps:
             examples = [data[i] for i in cursor.next_indices()]

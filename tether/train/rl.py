@@ -683,6 +683,7 @@ def train_loop(
                 final.update(evaluator.evaluate(model, reference, 0, acc.autocast))
                 evaluator.track(0, final, save_best)
                 run.log(0, final)
+                bar.exclude(final["eval/seconds"])
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             examples = [data[i] for i in cursor.next_indices()]
