@@ -254,6 +254,13 @@ def test_report_of_a_real_eval_run(ppo_run, tmp_path):
     assert html.escape(tip) in text or tip in text
 
 
+def _check_report(run):
+    from tether.eval.report import write_report
+
+    text = write_report([run]).read_text()
+    assert (run / "report.html").is_file() and "Proxy vs gold" in text and "log π_ref = " in text
+
+
 def test_rl_warns_once_when_proxy_rises_and_gold_falls(tiny_dir, files, tmp_path, capsys):
     from tether.train.ppo import train
 
@@ -343,6 +350,7 @@ def test_online_dpo_eval(tiny_dir, files, tmp_path):
     assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"]
     assert evals[-1]["eval/proxy_gold_gap"] > 1.0, [r["eval/proxy_gold_gap"] for r in evals]
     assert len(list((tmp_path / "samples").glob("step-*.jsonl"))) == 3
+    _check_report(tmp_path)
 
 
 def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, monkeypatch):
@@ -383,6 +391,7 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
     rows = [json.loads(x) for x in (out / "samples" / "step-000012.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows} <= {f"Say {i}:" for i in range(40)}
     assert len(rows) == 8 * 4  # 8 held-out prompts (40 × 0.2), 4 samples each
+    _check_report(out)
 
 
 def test_entropy_is_exact_at_step0(tiny_dir, files, tmp_path):
