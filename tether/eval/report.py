@@ -269,9 +269,29 @@ def _is_eval(key: str) -> bool:
     return key.startswith("eval/")
 
 
+DIAGNOSTIC_KEYS = frozenset({"kl/sampler_trainer", "num_skipped"})
+
+
+def _is_diagnostic(key: str) -> bool:
+    """Timings (``*_s``), spreads (``*_std``), differences (``*_minus_*``), KL(old‖new) and the
+    sampler/trainer mismatch: left out of the reward and KL charts (they go to "Other")."""
+    return (
+        key in DIAGNOSTIC_KEYS
+        or key.endswith(("_s", "_std"))
+        or "_minus_" in key
+        or key.startswith("kl_old_new")
+    )
+
+
 def training_reward_keys(keys: Iterable[str]) -> list[str]:
-    """Training keys naming a reward or score, ``score`` first."""
-    found = [k for k in keys if not _is_eval(k) and ("reward" in k.lower() or "score" in k.lower())]
+    """Training keys naming a reward or score, ``score`` first (diagnostics left out)."""
+    found = [
+        k
+        for k in keys
+        if not _is_eval(k)
+        and not _is_diagnostic(k)
+        and ("reward" in k.lower() or "score" in k.lower())
+    ]
     return sorted(found, key=lambda k: (k != "score", _natural_key(k)))
 
 
@@ -292,7 +312,8 @@ def _named(*names: str) -> Callable[[Iterable[str]], list[str]]:
 
 def _training_group(group: str) -> Callable[[Iterable[str]], list[str]]:
     return lambda keys: sorted(
-        (k for k in keys if not _is_eval(k) and metric_group(k) == group), key=_natural_key
+        (k for k in keys if not _is_eval(k) and not _is_diagnostic(k) and metric_group(k) == group),
+        key=_natural_key,
     )
 
 
