@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tether.lab import fit_gao, gao_curve
+from tether.lab.fits import points_from_metrics
 
 
 @pytest.mark.parametrize("form", ["bon", "rl"])
@@ -61,3 +62,19 @@ def test_errors_name_the_problem():
         fit_gao("ppo", [1.0, 2.0], [1.0, 2.0])  # type: ignore[arg-type]
     # estimator noise just below 0 is clipped, not an error
     assert fit_gao("bon", [-1e-8, 1.0, 4.0], [0.0, 0.9, 1.6]).n == 3
+
+
+def test_points_from_metrics_then_fit():
+    d = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    gold = 0.3 + gao_curve("rl", d, 0.5, 0.2)  # the run's gold starts at 0.3
+    records = [{"step": 0, "score": 0.1}]  # a training line without eval metrics is skipped
+    records += [
+        {"step": 10 * i, "eval/kl/exact": float(x * x), "eval/gold/g": float(g)}
+        for i, (x, g) in enumerate(zip(d, gold, strict=True))
+    ]
+    kl, gain = points_from_metrics(records, "eval/gold/g")
+    assert kl == pytest.approx(list(d**2)) and gain[0] == 0.0
+    fit = fit_gao("rl", kl, gain)
+    assert fit.alpha == pytest.approx(0.5) and fit.beta == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="eval/gold/missing"):
+        points_from_metrics(records, "eval/gold/missing")

@@ -121,3 +121,20 @@ def fit_gao(form: Form, kl: Sequence[float], gain: Sequence[float]) -> GaoFit:
     ss_tot = float(((r - r.mean()) ** 2).sum())
     r2 = 1.0 - float(((r - pred) ** 2).sum()) / ss_tot if len(r) >= 3 and ss_tot > 0 else math.nan
     return GaoFit(form, float(alpha), float(beta), r2, len(r))
+
+
+def points_from_metrics(
+    records: Sequence[dict], reward_key: str, kl_key: str = "eval/kl/exact"
+) -> tuple[list[float], list[float]]:
+    """(KL, gain) points of a run's held-out evaluations (``metrics.jsonl`` records, in order):
+    each record that has both keys gives (record[kl_key], record[reward_key] − the first such
+    record's reward), so the first point is (KL₀, 0) — at step 0, (0, 0).
+
+    Raises:
+        ValueError: no record has both keys (names them).
+    """
+    rows = [r for r in records if r.get(kl_key) is not None and r.get(reward_key) is not None]
+    if not rows:
+        raise ValueError(f"no metrics record has both {kl_key!r} and {reward_key!r}")
+    base = float(rows[0][reward_key])
+    return [float(r[kl_key]) for r in rows], [float(r[reward_key]) - base for r in rows]
