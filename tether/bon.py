@@ -203,6 +203,35 @@ class BoNResult:
         return standardised_gap(self.mean_reward_bon, self.gold_bon(name), proxy, gold)
 
 
+def sample_texts(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    seed: int | None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[str]:
+    """One completion per entry of ``prompt_ids`` (repeat a prompt for several), ``batch_size``
+    per ``generate`` call, torch's RNG seeded once before the first; decoded without special
+    tokens. No log-probs are computed."""
+    texts: list[str] = []
+    for s in range(0, len(prompt_ids), batch_size):
+        rollout = generate(
+            model,
+            tokenizer,
+            [list(p) for p in prompt_ids[s : s + batch_size]],
+            sampling,
+            generator_seed=seed if s == 0 else None,
+            compute_logprobs=False,
+            compute_sampler_logprobs=False,
+        )
+        texts.extend(
+            tokenizer.decode(ids[mask], skip_special_tokens=True)
+            for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
+        )
+    return texts
+
+
 def best_of_n(
     model: Any,
     tokenizer: Any,
@@ -263,19 +292,7 @@ def best_of_n(
 
     per_prompt = n + calibration
     flat_ids = [list(p) for p in prompt_ids for _ in range(per_prompt)]  # (P·(n+m),)
-    texts: list[str] = []
-    for s in range(0, len(flat_ids), batch_size):
-        rollout = generate(
-            model,
-            tokenizer,
-            flat_ids[s : s + batch_size],
-            sampling,
-            generator_seed=seed if s == 0 else None,
-        )
-        texts.extend(
-            tokenizer.decode(ids[mask], skip_special_tokens=True)
-            for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)
-        )
+    texts = sample_texts(model, tokenizer, flat_ids, sampling, seed, batch_size)
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     scores = validate_rewards(
         reward_fn(flat_prompts, texts), len(texts), reward_name(reward_fn), completions=texts

@@ -420,3 +420,47 @@ def test_entropy_is_exact_at_step0(tiny_dir, files, tmp_path):
             total += float(-(logp.exp() * logp).sum())
             count += len(r["token_ids"])
     assert first["eval/entropy"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_scoring_is_fp32_under_bf16_autocast(tiny_dir):
+    """Inside bf16 autocast (the training numerics), score_responses' exact KL, k1 and entropy
+    with the fp32 numerics equal a float64 computation of the same responses."""
+    from tether.models import SamplingConfig, generate, load_policy
+    from tether.models.numerics import fp32_numerics
+    from tether.reference import CopyReference
+
+    pol = load_policy(str(tiny_dir))
+    ref = CopyReference(pol.model)
+    with torch.no_grad():
+        for p in pol.model.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    tok = pol.tokenizer
+    ids = [tok(f"Say {i}:", add_special_tokens=False).input_ids for i in range(3)]
+    ro = generate(pol.model, tok, ids, SamplingConfig(max_new_tokens=6), generator_seed=0)
+    from tether.eval.heldout import score_responses
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sc = score_responses(
+            pol.model,
+            ref,
+            ro.input_ids,
+            ro.attention_mask,
+            ro.response_mask,
+            ro.prompt_length,
+            1.0,
+            lambda: fp32_numerics("cpu"),
+        )
+    p0 = ro.prompt_length - 1
+    with torch.no_grad():
+        pos = (ro.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kw = dict(attention_mask=ro.attention_mask.long(), position_ids=pos)
+        lp = torch.log_softmax(pol.model(ro.input_ids, **kw).logits.double(), -1)[:, p0:-1]
+        lr = torch.log_softmax(ref.model(ro.input_ids, **kw).logits.double(), -1)[:, p0:-1]
+    m = ro.response_mask
+    exact = ((lp.exp() * (lp - lr)).sum(-1) * m).sum(-1)
+    tgt = ro.response_ids[..., None]
+    k1 = ((lp.gather(-1, tgt) - lr.gather(-1, tgt)).squeeze(-1) * m).sum(-1)
+    ent = (-(lp.exp() * lp).sum(-1))[m].sum()
+    assert sc.exact == pytest.approx(exact.tolist(), abs=1e-5)
+    assert sc.k1 == pytest.approx(k1.tolist(), abs=1e-5)
+    assert sc.entropy_sum == pytest.approx(float(ent), rel=1e-5)

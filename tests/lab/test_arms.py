@@ -52,7 +52,7 @@ def test_bon_arm_curve_and_cache(policy, tmp_path, monkeypatch):
     def no_sampling(*a, **k):
         raise AssertionError("a finished arm must not sample again")
 
-    monkeypatch.setattr(arms, "generate", no_sampling)
+    monkeypatch.setattr(arms, "sample_texts", no_sampling)
     assert _run(policy, tmp_path / "bon") == rec  # resumed from the cache
     with pytest.raises(AssertionError, match="must not sample"):
         _run(policy, tmp_path / "bon", seed=1)  # a changed request runs again

@@ -55,8 +55,7 @@ from torch import Tensor, nn
 from tether.core.kl import exact_from_logits, k1, k3
 from tether.core.masked import masked_sum
 from tether.data import PromptExample, load_prompt_dataset
-from tether.data.collate import pad_sequences
-from tether.eval.capability import NLL, corpus_nll
+from tether.eval.capability import NLL, corpus_nll, corpus_nll_of
 from tether.eval.diversity import distinct_n, expectation_adjusted_distinct
 from tether.eval.selfbleu import self_bleu
 from tether.models.generation import SamplingConfig, generate
@@ -345,24 +344,18 @@ def score_responses(
     return out
 
 
-@torch.no_grad()
 def reference_corpus_nll(
     reference: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8
 ) -> NLL:
-    """:func:`tether.eval.capability.corpus_nll` under the reference policy (fp32)."""
-
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:256] for t in texts]
+    """:func:`tether.eval.capability.corpus_nll_of` under the reference policy (fp32)."""
     device = next(unwrap_model(reference.model).parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(ids), batch_size):
-        batch, mask = pad_sequences(ids[s : s + batch_size], tokenizer.pad_token_id, "right")
-        batch, mask = batch.to(device), mask.to(device)
-        pred = mask[:, 1:] & mask[:, :-1]
-        with fp32_numerics(device.type):
-            lp = reference.logprobs(batch, mask, pred).logprobs
-        total += float(-lp[pred].double().sum())
-        count += int(pred.sum())
-    return NLL(total / max(count, 1), count)
+    return corpus_nll_of(
+        lambda ids, am, m: reference.logprobs(ids, am, m).logprobs,
+        device,
+        tokenizer,
+        texts,
+        batch_size,
+    )
 
 
 def load_texts(spec: str, limit: int) -> list[str]:

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from tether.bon import sample_texts
 from tether.lab.bon import bon_curve
-from tether.models.generation import SamplingConfig, generate
+from tether.models.generation import SamplingConfig
 from tether.rewards import RewardFn, validate_rewards
 
 ARM_FILE = "arm.json"
@@ -109,21 +110,7 @@ def bon_arm(
     if done is not None:
         return done
     flat = [list(p) for p in prompt_ids for _ in range(pool)]
-    texts: list[str] = []
-    for s in range(0, len(flat), batch_size):
-        out = generate(
-            model,
-            tokenizer,
-            flat[s : s + batch_size],
-            sampling,
-            generator_seed=seed if s == 0 else None,
-            compute_logprobs=False,
-            compute_sampler_logprobs=False,
-        )
-        texts += [
-            tokenizer.decode(ids[mask], skip_special_tokens=True)
-            for ids, mask in zip(out.response_ids, out.response_mask, strict=True)
-        ]
+    texts = sample_texts(model, tokenizer, flat, sampling, seed, batch_size)
     flat_prompts = [p for p in prompts for _ in range(pool)]
     scores = []
     for fn, name in zip((proxy, gold), names, strict=True):
