@@ -88,6 +88,38 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace) -> int:
+    """``tether lab overopt``: run (or resume) the over-optimisation lab, or redraw its report."""
+    from tether.lab.config import LabConfig
+    from tether.runs.config import ConfigError, describe_config, dump_config, load_config
+
+    if args.help_config:
+        print(describe_config(LabConfig))
+        return 0
+    if args.report_only:
+        from tether.lab.report import write_lab_report
+
+        try:
+            print(write_lab_report(args.report_only))
+        except (OSError, ValueError) as exc:
+            print(f"tether lab: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        config = load_config(LabConfig, args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"tether lab: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    from tether.lab.overopt import run_lab, summary_table
+
+    results = run_lab(config)
+    print(summary_table(results))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of one or more runs and print its path."""
     from tether.eval.report import write_report
@@ -315,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="PNG", help="image path (default RUN_DIR/metrics.png)")
     plot.add_argument("--keys", metavar="A,B", help="comma-separated metrics to draw")
     plot.set_defaults(func=_plot)
+
+    lab = sub.add_parser(
+        "lab",
+        help="the over-optimisation lab: tether lab overopt -c recipes/lab/demo.yaml",
+        description="Gao et al.'s reward over-optimisation experiment: proxies trained on gold "
+        "labels, best-of-n and trained arms against them, Gao's fits, four claims tested, "
+        "results.json and report.html. Every stage is cached; re-running resumes.",
+    )
+    lab.add_argument("experiment", choices=["overopt"], help="the experiment (overopt)")
+    lab.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    lab.add_argument("-c", "--config", metavar="YAML", help="a lab recipe (recipes/lab/*.yaml)")
+    lab.add_argument("--help-config", action="store_true", help="list every lab config field")
+    lab.add_argument("--print-config", action="store_true", help="print the resolved config")
+    lab.add_argument(
+        "--report-only", metavar="LAB_DIR", help="redraw LAB_DIR/report.html from results.json"
+    )
+    lab.set_defaults(func=_lab)
 
     report = sub.add_parser(
         "report",

@@ -101,3 +101,33 @@ def bon_curve(
             )
         )
     return points
+
+
+def bon_kl_mc(
+    proxy: Sequence[Sequence[float]], n: int, *, repeats: int = 8, seed: int = 0
+) -> tuple[float, float]:
+    """tether's Monte-Carlo estimate of KL(π_BoN‖π) at n from the same pool (mean, stderr).
+
+    Per prompt and repeat, a seeded random n-subset of the pool is the candidates and the other
+    N − n samples are the independent calibration draws of :func:`tether.bon.bon_kl_estimate`
+    (which is pure: rewards in, estimate out). (nan, nan) when N − n < 1.
+    """
+    from tether.bon import bon_kl_estimate
+
+    p = np.asarray(proxy, dtype=np.float64)
+    prompts, pool = p.shape
+    if pool - n < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    picks, calib = [], []
+    for i in range(prompts):
+        for _ in range(repeats):
+            perm = rng.permutation(pool)
+            cand, rest = perm[:n], perm[n:]
+            picks.append(float(p[i, cand].max()))
+            calib.append(p[i, rest].tolist())
+    est = bon_kl_estimate(picks, calib, n)
+    # repeats of one prompt are not independent: the standard error is over prompts
+    per_prompt = np.asarray(est.per_prompt).reshape(prompts, repeats).mean(1)
+    se = float(per_prompt.std(ddof=1) / math.sqrt(prompts)) if prompts > 1 else math.nan
+    return est.mean, se

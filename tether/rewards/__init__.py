@@ -44,7 +44,9 @@ def make_reward(spec: str) -> RewardFn:
       completion, in [−1, 1]), ``"length"`` (completion characters / 100), or the gold
       lexicons ``"textblob"`` and ``"afinn"`` (:mod:`tether.rewards.lexicon`);
     * a directory: a reward model saved by ``tether train reward``, loaded on the CPU with
-      :func:`tether.rewards.model.load_reward_model` (normalised if it records a normalisation);
+      :func:`tether.rewards.model.load_reward_model` (normalised if it records a normalisation),
+      or an ensemble of reward specs with an ``ensemble.json``
+      (:mod:`tether.rewards.ensemble`: mean, worst-case or uncertainty-weighted);
     * ``"module:function"``: the user's own reward function, imported from an importable module
       (installed, or on ``PYTHONPATH``: ``PYTHONPATH=. tether bon --reward my_rewards:score``).
       The function is called as ``function(prompts, completions)`` and must return one real
@@ -60,6 +62,10 @@ def make_reward(spec: str) -> RewardFn:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]()
     if Path(spec).is_dir():
+        from tether.rewards.ensemble import is_ensemble_dir, load_ensemble
+
+        if is_ensemble_dir(spec):
+            return load_ensemble(spec)
         from tether.rewards.model import load_reward_model  # transformers: imported on demand
 
         return load_reward_model(spec)

@@ -167,7 +167,8 @@ class RewardModel(nn.Module):
         """A reward model with a freshly initialised head on a pretrained backbone.
 
         Args:
-            name_or_path: an embedded model (``"smollm2-135m-instruct"``), a local checkpoint or
+            name_or_path: an embedded model (``"smollm2-135m-instruct"``), an embedded encoder
+                (``"all-minilm-l6-v2"``: 22M parameters, fast on a CPU), a local checkpoint or
                 a hub id. A causal LM (its config's architecture is ``*ForCausalLM``) is loaded
                 with :func:`tether.models.load_policy` and its LM head dropped; anything else is
                 loaded with ``AutoModel``.
@@ -181,15 +182,19 @@ class RewardModel(nn.Module):
             trust_remote_code: passed to transformers.
         """
         name = str(name_or_path)
-        causal = name in EMBEDDED_MODELS or _is_causal_lm(name, trust_remote_code)
+        if name in EMBEDDED_ENCODERS:  # e.g. all-minilm-l6-v2, unpacked from its wheel
+            name_or_path = EMBEDDED_ENCODERS[name]()
+        causal = name in EMBEDDED_MODELS or _is_causal_lm(str(name_or_path), trust_remote_code)
         if causal:
             policy = load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code)
             backbone, _ = backbone_and_head(policy.model)
             tokenizer = policy.tokenizer
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code
+            )
             backbone = AutoModel.from_pretrained(
-                name, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
+                name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
             )
             if tokenizer.eos_token is None and tokenizer.sep_token is not None:
                 tokenizer.eos_token = tokenizer.sep_token  # BERT-style: [SEP] ends a response
@@ -402,6 +407,16 @@ def load_reward_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _minilm_path() -> Path:
+    from tether.eval.semantic import minilm_path
+
+    return minilm_path()
+
+
+EMBEDDED_ENCODERS: dict[str, Any] = {"all-minilm-l6-v2": _minilm_path}
+"""Encoder backbones shipped in PyPI wheels, by name → a function returning the local directory."""
 
 
 def _is_causal_lm(name: str, trust_remote_code: bool) -> bool:
