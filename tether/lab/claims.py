@@ -29,9 +29,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); nan with < 2 points or no spread."""
     from scipy.stats import spearmanr
 
-    if len(x) < 2:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    r = spearmanr(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)).statistic
+    r = spearmanr(a, b).statistic
     return float(r) if np.isfinite(r) else math.nan
 
 
@@ -220,7 +221,8 @@ def claim_b(results: dict[str, Any]) -> dict[str, Any]:
         parts.append(
             f"{method} on {proxy}: final {metric} {listing} (Spearman ρ with β {rho:+.2f})"
         )
-    mean_rho = float(np.nanmean(signs)) if signs else math.nan
+    finite = [r for r in signs if math.isfinite(r)]
+    mean_rho = float(np.mean(finite)) if finite else math.nan
     if mean_rho > 0:
         head = "No: a higher penalty kept *more* diversity (Kirk et al.'s direction)."
     elif mean_rho < 0:

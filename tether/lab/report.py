@@ -294,7 +294,13 @@ def write_lab_report(
     path = lab_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `tether lab overopt` first")
-    results = json.loads(path.read_text(encoding="utf-8"))
+    from tether.lab.overopt import validate_results
+
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    validate_results(results, str(path))
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     target = Path(out) if out else lab_dir / REPORT_FILE
     _atomic_write(target, render_lab_report(results, lab_dir, generated))

@@ -111,7 +111,10 @@ def save_ensemble(
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    rel = [os.path.relpath(Path(m).resolve(), path.resolve()) for m in members]
+    rel = [  # directories relative to the ensemble; built-ins and module:function as given
+        os.path.relpath(Path(m).resolve(), path.resolve()) if Path(m).exists() else str(m)
+        for m in members
+    ]
     record = {
         "format": ENSEMBLE_FORMAT,
         "members": rel,
