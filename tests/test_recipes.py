@@ -25,6 +25,18 @@ def test_recipe_loads(path):
     assert cfg.output_dir.startswith("runs/")
 
 
+LAB_RECIPES = sorted((Path(__file__).parents[1] / "recipes" / "lab").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LAB_RECIPES, ids=lambda p: p.stem)
+def test_lab_recipe_loads_and_its_arms_name_real_fields(path):
+    from tether.lab.config import LabConfig
+
+    cfg = load_config(LabConfig, path)
+    cfg.check_trainer_fields()
+    assert cfg.output_dir.startswith("runs/")
+
+
 @pytest.mark.parametrize("algo", ["ppo", "ppo_penalty", "grpo", "rloo", "trpo"])
 def test_rl_recipe_runs_from_the_cli(algo, tiny_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"

@@ -465,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `train ALGO a=1 --config r.yaml b=2` leaves b=2 unparsed: collect such words as overrides.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) not in ("train", "control") or any(
+        if getattr(args, "command", None) not in ("train", "control", "lab") or any(
             e.startswith("-") for e in extra
         ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

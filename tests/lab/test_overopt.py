@@ -151,5 +151,10 @@ def test_lab_config_errors():
         load_config(LabConfig, None, ["arms=[{name: x, method: grpo, proxy: n99}]"])
     with pytest.raises(ConfigError, match="two arms are named"):
         load_config(LabConfig, None, ["arms=[{name: x, method: grpo}, {name: x, method: dpo}]"])
+    cfg = load_config(LabConfig, None, ["arms=[{name: x, method: dpo, set: {kl_coef: 0.1}}]"])
+    with pytest.raises(ValueError, match=r"arm 'x': \['kl_coef'\] are not fields of the dpo"):
+        cfg.check_trainer_fields()
+    with pytest.raises(ValueError, match="trainer.lr is not a field of any trainer"):
+        load_config(LabConfig, None, ["trainer={lr: 0.1}"]).check_trainer_fields()
     with pytest.raises(ConfigError, match="ns must lie in 1..pool"):
         load_config(LabConfig, None, ["bon={pool: 4, ns: [1, 8]}"])

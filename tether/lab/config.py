@@ -179,3 +179,26 @@ class LabConfig:
             bad = [p for p in self.bon.proxies if p not in names]
             if bad:
                 raise ValueError(f"bon.proxies has {bad}; the proxies are {', '.join(names)}")
+
+    def check_trainer_fields(self) -> None:
+        """Fail fast on a ``trainer`` key no trainer has, or an arm field its trainer lacks
+        (before minutes of sampling, not after)."""
+        import dataclasses
+
+        from tether.runs.registry import get_trainer
+
+        fields = {m: {f.name for f in dataclasses.fields(get_trainer(m)[0])} for m in ARM_METHODS}
+        known = set().union(*fields.values())
+        for key in self.trainer:
+            if key not in known:
+                raise ValueError(
+                    f"trainer.{key} is not a field of any trainer ({', '.join(ARM_METHODS)})"
+                )
+        for arm in self.arms:
+            for name, overrides in arm.expand():
+                bad = sorted(k for k in overrides if k not in fields[arm.method])
+                if bad:
+                    raise ValueError(
+                        f"arm {name!r}: {bad} are not fields of the {arm.method} config "
+                        f"(tether train {arm.method} --help-config lists them)"
+                    )

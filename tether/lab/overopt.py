@@ -56,12 +56,11 @@ from tether.lab.claims import spearman
 from tether.lab.config import PROXY_NAME, LabConfig
 from tether.lab.fits import fit_gao
 from tether.lab.pool import Pool, gold_pairs, sample_pool, write_pairs, write_prompts
+from tether.lab.results import RESULTS_FILE, RESULTS_SCHEMA, validate_results
 from tether.rewards import make_reward, validate_rewards
 from tether.rewards.ensemble import save_ensemble
 from tether.runs.config import config_to_dict, save_config
 
-RESULTS_FILE = "results.json"
-RESULTS_SCHEMA = 1
 LAB_CONFIG_FILE = "lab.yaml"
 REQUEST_FILE = "lab-request.json"
 """In a trained arm's directory: the fingerprint of the recipe it was started with."""
@@ -502,6 +501,7 @@ class Lab:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        cfg.check_trainer_fields()
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / LAB_CONFIG_FILE)
         say(f"{self.out}: policy {cfg.model}, gold {cfg.gold}")
@@ -673,65 +673,6 @@ def fingerprint_dir(path: Path) -> str:
 
 def pool_fingerprint(pool: Pool) -> str:
     return fingerprint({"p": pool.prompts, "c": pool.completions, "g": pool.gold})
-
-
-_ARM_KEYS = {
-    "name": str,
-    "kind": str,
-    "method": str,
-    "proxy": str,
-    "settings": dict,
-    "points": list,
-}
-_POINT_KEYS = ("x", "kl", "sqrt_kl", "proxy", "gold", "gold_se")
-_PROXY_KEYS = ("pairs", "members", "combine", "heldout_accuracy", "spearman", "path")
-_FIT_KEYS = ("form", "alpha", "beta", "r2", "n", "peak_kl", "peak_gain")
-
-
-def validate_results(results: Any, source: str = RESULTS_FILE) -> None:
-    """Check ``results`` against the documented schema (the module docstring); a ValueError
-    names the first field that is missing or of the wrong type."""
-
-    def fail(where: str, what: str) -> None:
-        raise ValueError(f"{source}: {where}: {what}")
-
-    if not isinstance(results, dict):
-        fail("top level", "expected an object")
-    if results.get("schema") != RESULTS_SCHEMA:
-        fail("schema", f"expected {RESULTS_SCHEMA}, got {results.get('schema')!r}")
-    for key, tp in (
-        ("config", dict),
-        ("gold", str),
-        ("proxies", dict),
-        ("arms", list),
-        ("claims", dict),
-        ("tether_version", str),
-    ):
-        if not isinstance(results.get(key), tp):
-            fail(key, f"expected {tp.__name__}")
-    for name, p in results["proxies"].items():
-        missing = [k for k in _PROXY_KEYS if k not in p]
-        if missing:
-            fail(f"proxies.{name}", f"missing {missing}")
-    for i, arm in enumerate(results["arms"]):
-        for key, tp in _ARM_KEYS.items():
-            if not isinstance(arm.get(key), tp):
-                fail(f"arms[{i}].{key}", f"expected {tp.__name__}")
-        if arm["kind"] not in ("bon", "trained"):
-            fail(f"arms[{i}].kind", f"expected 'bon' or 'trained', got {arm['kind']!r}")
-        if not arm["points"]:
-            fail(f"arms[{i}].points", "expected at least one point")
-        for j, point in enumerate(arm["points"]):
-            missing = [k for k in _POINT_KEYS if k not in point]
-            if missing:
-                fail(f"arms[{i}].points[{j}]", f"missing {missing}")
-        fit = arm.get("fit")
-        if fit is not None and any(k not in fit for k in _FIT_KEYS):
-            fail(f"arms[{i}].fit", f"expected the keys {list(_FIT_KEYS)}")
-    for key in ("a", "b", "c", "d"):
-        c = results["claims"].get(key)
-        if not isinstance(c, dict) or not all(k in c for k in ("question", "verdict", "tested")):
-            fail(f"claims.{key}", "expected question, verdict and tested")
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from tether.eval.report import (
 )
 from tether.lab.claims import envelope
 from tether.lab.fits import gao_curve
+from tether.lab.results import validate_results
 
 REPORT_FILE = "report.html"
 FIT_POINTS = 40
@@ -294,8 +295,6 @@ def write_lab_report(
     path = lab_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `tether lab overopt` first")
-    from tether.lab.overopt import validate_results
-
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
