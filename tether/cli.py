@@ -117,6 +117,8 @@ def _lab(args: argparse.Namespace) -> int:
 
     results = run_lab(config)
     print(summary_table(results))
+    if config.report:
+        print(f"report: {Path(config.output_dir) / 'report.html'}")
     return 0
 
 

@@ -464,3 +464,35 @@ def test_scoring_is_fp32_under_bf16_autocast(tiny_dir):
     assert sc.exact == pytest.approx(exact.tolist(), abs=1e-5)
     assert sc.k1 == pytest.approx(k1.tolist(), abs=1e-5)
     assert sc.entropy_sum == pytest.approx(float(ent), rel=1e-5)
+
+
+def test_base_cache_shares_the_step0_evaluation(tiny_dir, files, tmp_path, monkeypatch):
+    """Two runs from the same policy with the same eval settings evaluate the untrained policy
+    once: the second loads step 0 (metrics and samples) from eval_base_cache; a run with other
+    eval settings does not; later steps are always measured."""
+    from tether.eval import heldout
+    from tether.train.ppo import train
+
+    cache = tmp_path / "base"
+    kw = dict(max_steps=2, eval_steps=2, eval_base_cache=str(cache))
+    train(_rl_cfg(tiny_dir, files, tmp_path / "a", **kw))
+    assert len(list(cache.glob("base-*.json"))) == 1
+    calls = []
+    real = heldout.HeldOutEvaluator._sample_and_score
+
+    def spy(self, model, reference, shard, k, autocast, numerics, step):
+        calls.append(step)
+        return real(self, model, reference, shard, k, autocast, numerics, step)
+
+    monkeypatch.setattr(heldout.HeldOutEvaluator, "_sample_and_score", spy)
+    train(_rl_cfg(tiny_dir, files, tmp_path / "b", learning_rate=1e-3, **kw))
+    assert calls == [2]  # step 0 came from the cache
+    a, b = _evals(tmp_path / "a")[0], _evals(tmp_path / "b")[0]
+    drop = {"time", "eval/seconds"}
+    assert {k: v for k, v in a.items() if k not in drop} == {
+        k: v for k, v in b.items() if k not in drop
+    }
+    same = (tmp_path / "a" / "samples" / "step-000000.jsonl").read_text()
+    assert (tmp_path / "b" / "samples" / "step-000000.jsonl").read_text() == same
+    train(_rl_cfg(tiny_dir, files, tmp_path / "c", eval_samples_per_prompt=2, **kw))
+    assert calls == [2, 0, 2] and len(list(cache.glob("base-*.json"))) == 2

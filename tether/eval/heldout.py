@@ -128,6 +128,11 @@ class EvalConfig:
         True, help="Semantic similarity among completions (all-MiniLM-L6-v2, fetched once)."
     )
     eval_batch_size: int = option(32, help="Sequences per eval sampling/scoring batch.")
+    eval_base_cache: str | None = option(
+        None,
+        help="Directory caching the step-0 evaluation of the untrained policy, keyed by model, "
+        "prompts and eval settings: runs that share them evaluate the base once (one process).",
+    )
     eval_generate: bool = option(
         True,
         help="Sample the held-out prompts at each evaluation (gold rewards, KL, diversity, "
@@ -547,13 +552,19 @@ class HeldOutEvaluator:
             + (f", capability NLL on {len(self.texts)} passages" if self.texts else "")
             + (f", {len(self.offtask)} off-task prompts" if self.offtask else "")
         )
-        shard = self._shard(self.prompts)
-        records = self._sample_and_score(model, reference, shard, k, autocast, numerics, step)
-        records = sorted(
-            self._gather(records), key=lambda r: (r["prompt_index"], r["sample_index"])
-        )
-        metrics = self._sample_metrics(records)
-        metrics.update(self._capability(model, reference, autocast, numerics))
+        cached = self._load_base(step)
+        if cached is not None:
+            records, metrics = cached
+            self.note(f"eval step {step}: the untrained policy's evaluation, from the base cache")
+        else:
+            shard = self._shard(self.prompts)
+            records = self._sample_and_score(model, reference, shard, k, autocast, numerics, step)
+            records = sorted(
+                self._gather(records), key=lambda r: (r["prompt_index"], r["sample_index"])
+            )
+            metrics = self._sample_metrics(records)
+            metrics.update(self._capability(model, reference, autocast, numerics))
+            self._save_base(step, records, metrics)
         metrics.update(self._gap(step, records, metrics))
         if self.cfg.eval_semantic and k >= 2:
             from tether.eval.semantic import semantic_similarity
@@ -571,6 +582,69 @@ class HeldOutEvaluator:
             + "  ".join(f"{k_[5:]} {metrics[k_]:.4g}" for k_ in shown if k_ in metrics)
         )
         return {k_: v for k_, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    # -- the base cache: one step-0 evaluation shared by runs from the same policy ---------------
+
+    def base_key(self) -> str:
+        """What the step-0 evaluation depends on: the policy and its numerics, the prompts, the
+        sampling, the rewards, the capability and off-task data, the seed."""
+        import hashlib
+
+        c = self.cfg
+        fields = (
+            "model",
+            "dtype",
+            "peft",
+            "mixed_precision",
+            "kl_precision",
+            "rollout_dtype",
+            "seed",
+            "as_chat",
+            "max_prompt_length",
+            "eval_rewards",
+            "eval_samples_per_prompt",
+            "eval_capability_text",
+            "eval_capability_passages",
+            "eval_offtask_prompts",
+            "eval_offtask_num",
+            "eval_batch_size",
+        )
+        request = {f: getattr(c, f, None) for f in fields}
+        request.update(
+            sampling=self.sampling.__dict__,
+            prompts=[e.prompt for e in self.prompts],
+            proxy=self.proxy_spec,
+            schema=1,
+        )
+        text = json.dumps(request, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def _base_path(self, step: int) -> Path | None:
+        cache = getattr(self.cfg, "eval_base_cache", None)
+        if step != 0 or not cache or (self.acc is not None and self.acc.num_processes > 1):
+            return None
+        return Path(cache) / f"base-{self.base_key()}.json"
+
+    def _load_base(self, step: int) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
+        path = self._base_path(step)
+        if path is None or not path.is_file():
+            return None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        self.ref_nll = saved["ref_nll"]
+        records = [dict(r, _entropy=tuple(r["_entropy"])) for r in saved["records"]]
+        return records, {k: float(v) for k, v in saved["metrics"].items()}
+
+    def _save_base(
+        self, step: int, records: list[dict[str, Any]], metrics: dict[str, float]
+    ) -> None:
+        path = self._base_path(step)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".base-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"ref_nll": self.ref_nll, "records": records, "metrics": metrics}, f)
+        os.replace(tmp, path)
 
     def _generate(
         self, model: nn.Module, prompt_ids: list[list[int]], autocast: Callable[[], Any]

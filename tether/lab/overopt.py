@@ -440,6 +440,7 @@ class Lab:
             "eval_num_prompts": n_eval,
             "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
             "eval_rewards": [cfg.gold],
+            "eval_base_cache": str((self.data / "base-eval").resolve()),
             "output_dir": str(run_dir),
             "seed": seed,
             "resume": True,

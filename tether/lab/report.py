@@ -117,9 +117,29 @@ def _frontier_chart(arms: Sequence[dict[str, Any]]) -> str:
             series[method] = [(p["sqrt_kl"], p["gold"]) for p in front]
     return svg_line_chart(
         series,
-        "Reward–KL frontier per method (best gold reached at or below each KL)",
+        "Reward–KL frontier per method",
         SQRT_KL_LABEL,
         "gold reward",
+    )
+
+
+def _bon_kl_chart(arms: Sequence[dict[str, Any]]) -> str:
+    """Best-of-n's KL against n: the analytic bound log n − (n − 1)/n and the Monte-Carlo
+    estimate from the same pool, per proxy."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    bound = "bound log n − (n−1)/n"
+    for a in arms:
+        if a["kind"] != "bon":
+            continue
+        if bound not in series:
+            series[bound] = [(float(p["x"]), float(p["kl"])) for p in a["points"]]
+        mc = [(float(p["x"]), float(p["kl_mc"])) for p in a["points"] if p.get("kl_mc") is not None]
+        if mc:
+            series[f"Monte-Carlo, {a['proxy']}"] = mc
+    if len(series) < 2:
+        return ""
+    return svg_line_chart(
+        series, "Best-of-n KL: analytic bound vs Monte-Carlo estimate", "n", "KL(π_BoN‖π) (nats)"
     )
 
 
@@ -257,6 +277,7 @@ def render_lab_report(results: dict[str, Any], lab_dir: Path, generated: str = "
             "Capability: NLL tax on general text vs √KL",
             "NLL − reference NLL (nats/token)",
         ),
+        _bon_kl_chart(arms),
         _trajectory_chart(arms, "beta", "β per step", "β"),
         _trajectory_chart(arms, "kl", "Training KL per step", "KL (nats/response)"),
     ]
