@@ -156,5 +156,7 @@ def test_lab_config_errors():
         cfg.check_trainer_fields()
     with pytest.raises(ValueError, match="trainer.lr is not a field of any trainer"):
         load_config(LabConfig, None, ["trainer={lr: 0.1}"]).check_trainer_fields()
+    with pytest.raises(ConfigError, match="seeds must be null or a non-empty list"):
+        load_config(LabConfig, None, ["arms=[{name: x, method: grpo, seeds: []}]"])
     with pytest.raises(ConfigError, match="ns must lie in 1..pool"):
         load_config(LabConfig, None, ["bon={pool: 4, ns: [1, 8]}"])

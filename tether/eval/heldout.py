@@ -547,16 +547,16 @@ class HeldOutEvaluator:
             else autocast
         )
         k = self.cfg.eval_samples_per_prompt
-        self.note(
-            f"eval step {step}: sampling {len(self.prompts)} held-out prompts × {k}"
-            + (f", capability NLL on {len(self.texts)} passages" if self.texts else "")
-            + (f", {len(self.offtask)} off-task prompts" if self.offtask else "")
-        )
         cached = self._load_base(step)
         if cached is not None:
             records, metrics = cached
             self.note(f"eval step {step}: the untrained policy's evaluation, from the base cache")
         else:
+            self.note(
+                f"eval step {step}: sampling {len(self.prompts)} held-out prompts × {k}"
+                + (f", capability NLL on {len(self.texts)} passages" if self.texts else "")
+                + (f", {len(self.offtask)} off-task prompts" if self.offtask else "")
+            )
             shard = self._shard(self.prompts)
             records = self._sample_and_score(model, reference, shard, k, autocast, numerics, step)
             records = sorted(

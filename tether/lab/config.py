@@ -106,10 +106,13 @@ class ArmConfig:
     sweep: dict[str, list[Any]] = option(
         {}, help="Field → values; one arm per combination, named <name>-<field>=<value>."
     )
+    seeds: list[int] | None = option(None, help="Seeds of this arm (null: the lab's seeds).")
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.=-]+", self.name):
             raise ValueError(f"an arm needs a name of letters, digits, _ . = -; got {self.name!r}")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError(f"arm {self.name!r}: seeds must be null or a non-empty list")
         for key, values in self.sweep.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"sweep {key!r} must be a non-empty list, got {values!r}")

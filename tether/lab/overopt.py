@@ -536,7 +536,7 @@ class Lab:
                 self.dpo_pairs(proxy, proxies[proxy], train_pool) if arm.method == "dpo" else None
             )
             for name, overrides in arm.expand():
-                for seed in cfg.seeds:
+                for seed in arm.seeds or cfg.seeds:
                     rec = self.trained_arm(
                         name, arm.method, proxy, proxies[proxy], overrides, seed, dpo_data
                     )
