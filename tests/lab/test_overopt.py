@@ -39,9 +39,9 @@ def _recipe(tmp_path, tiny_dir, **over):
             "batch_size": 4,
             "learning_rate": 1e-3,
         },
-        "bon": {"pool": 4, "ns": [1, 2, 4], "proxies": ["n8", "n8-mean"]},
+        "bon": {"pool": 8, "ns": [1, 2, 4, 8], "proxies": ["n8", "n8-mean"]},
         "trainer": {
-            "max_steps": 2,
+            "max_steps": 3,
             "eval_steps": 1,
             "batch_size": 2,
             "num_generations": 2,
@@ -84,9 +84,9 @@ def test_lab_results_follow_the_schema(lab_run):
     names = [a["name"] for a in saved["arms"]]
     assert names == ["bon-n8", "bon-n8-mean", "grpo-kl_coef=0.0", "grpo-kl_coef=0.5", "dpo"]
     bon = saved["arms"][0]
-    assert [p["x"] for p in bon["points"]] == [1, 2, 4] and bon["fit"]["form"] == "bon"
+    assert [p["x"] for p in bon["points"]] == [1, 2, 4, 8] and bon["fit"]["form"] == "bon"
     grpo = saved["arms"][2]
-    assert [p["x"] for p in grpo["points"]] == [0, 1, 2]  # evals at steps 0, 1, 2
+    assert [p["x"] for p in grpo["points"]] == [0, 1, 2, 3]  # evals at steps 0..3
     assert grpo["points"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert grpo["fit"]["form"] == "rl" and grpo["settings"] == {"kl_coef": 0.0}
     assert all(p["gold"] == p["gold"] for p in grpo["points"])  # gold measured at every eval

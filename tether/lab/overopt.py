@@ -62,6 +62,7 @@ from tether.rewards.ensemble import save_ensemble
 from tether.runs.config import config_to_dict, save_config
 
 LAB_CONFIG_FILE = "lab.yaml"
+MIN_FIT_POINTS = 4
 REQUEST_FILE = "lab-request.json"
 """In a trained arm's directory: the fingerprint of the recipe it was started with."""
 POINT_KEYS = (
@@ -163,8 +164,9 @@ def trained_points(run_dir: Path, gold: str) -> tuple[list[dict[str, Any]], list
 
 def fit_points(form: str, points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Gao's ``form`` fitted to (kl, gold − gold at the first point) of ``points``; None with
-    fewer than 3 points."""
-    if len(points) < 3:
+    fewer than :data:`MIN_FIT_POINTS` (two coefficients through R(0) = 0 and two more points
+    fit any three points exactly, so a fit needs a fourth to mean anything)."""
+    if len(points) < MIN_FIT_POINTS:
         return None
     base = points[0]["gold"]
     fit = fit_gao(form, [p["kl"] for p in points], [p["gold"] - base for p in points])  # type: ignore[arg-type]
