@@ -164,8 +164,9 @@ def trained_points(run_dir: Path, gold: str) -> tuple[list[dict[str, Any]], list
 
 def fit_points(form: str, points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Gao's ``form`` fitted to (kl, gold − gold at the first point) of ``points``; None with
-    fewer than :data:`MIN_FIT_POINTS` (two coefficients through R(0) = 0 and two more points
-    fit any three points exactly, so a fit needs a fourth to mean anything)."""
+    fewer than :data:`MIN_FIT_POINTS` (the first point is (0, 0) by construction, so with three
+    points the two coefficients solve two equations exactly: the fit needs a fourth point to say
+    anything)."""
     if len(points) < MIN_FIT_POINTS:
         return None
     base = points[0]["gold"]
