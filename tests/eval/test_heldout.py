@@ -265,8 +265,10 @@ def test_rl_warns_once_when_proxy_rises_and_gold_falls(tiny_dir, files, tmp_path
     from tether.train.ppo import train
 
     train(_rl_cfg(tiny_dir, files, tmp_path, max_steps=9, eval_steps=3, overopt_window=3))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("tether: over-optimisation") == 1, out
+    assert "tether: over-optimisation" not in captured.err  # not printed twice
     assert "negated_vowel_fraction fell" in out
 
 

@@ -851,7 +851,9 @@ class HeldOutEvaluator:
                         f"{h.gold[n][-w]:.4g} → {h.gold[n][-1]:.4g}; raise β (kl_coef / "
                         "kl_target), or stop here (early_stop_on)"
                     )
-                    log.warning(msg)
+                    # printed once (the progress line); also logged below warning level, so a
+                    # process without logging handlers does not print it a second time
+                    log.info(msg)
                     self.note(msg)
         return out
 
