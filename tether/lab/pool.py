@@ -138,23 +138,22 @@ def gold_pairs(pool: Pool, limit: int, seed: int, min_gap: float = 1e-6) -> list
     return out
 
 
-def write_pairs(path: Path, pairs: Sequence[Pair]) -> Path:
-    """Write pairs as a JSONL preference file (prompt, chosen, rejected, gap), atomically."""
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, atomically (temp file in the same directory, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".jsonl")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(asdict(p)) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_pairs(path: Path, pairs: Sequence[Pair]) -> Path:
+    """A JSONL preference file (prompt, chosen, rejected, gap)."""
+    return write_jsonl(path, [asdict(p) for p in pairs])
 
 
 def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
-    """Write a JSONL prompt file ({"prompt": ...} per line), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".jsonl")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"prompt": p}) + "\n")
-    os.replace(tmp, path)
-    return path
+    """A JSONL prompt file ({"prompt": ...} per line)."""
+    return write_jsonl(path, [{"prompt": p} for p in prompts])
