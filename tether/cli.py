@@ -107,7 +107,8 @@ def _lab(args: argparse.Namespace) -> int:
         return 0
     try:
         config = load_config(LabConfig, args.config, args.overrides)
-    except ConfigError as exc:
+        config.check_trainer_fields()
+    except (ConfigError, ValueError) as exc:
         print(f"tether lab: error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:

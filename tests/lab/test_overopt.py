@@ -160,3 +160,14 @@ def test_lab_config_errors():
         load_config(LabConfig, None, ["arms=[{name: x, method: grpo, seeds: []}]"])
     with pytest.raises(ConfigError, match="ns must lie in 1..pool"):
         load_config(LabConfig, None, ["bon={pool: 4, ns: [1, 8]}"])
+
+
+def test_lab_cli_reports_a_bad_trainer_field_without_a_traceback(capsys, tmp_path):
+    from tether.cli import main
+
+    rc = main(["lab", "overopt", f"output_dir={tmp_path / 'lab'}", "trainer={lora: {r: 16}}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tether lab: error: trainer.lora is not a field of any trainer" in err
+    assert "Traceback" not in err and not (tmp_path / "lab").exists()
+
