@@ -170,4 +170,3 @@ def test_lab_cli_reports_a_bad_trainer_field_without_a_traceback(capsys, tmp_pat
     assert rc == 2
     assert "tether lab: error: trainer.lora is not a field of any trainer" in err
     assert "Traceback" not in err and not (tmp_path / "lab").exists()
-
