@@ -95,3 +95,32 @@ def test_claim_d_dpo_frontier_against_rl():
     assert res["tested"] and res["verdict"].startswith("No: DPO's frontier lies below")
     c = compare_at_equal_kl(envelope(dpo["points"]), envelope(rl["points"]))
     assert c["n"] >= 1 and c["diff"] < 0
+
+
+def test_claim_b_with_seeds_uses_the_seed_to_seed_error_bar():
+    def arms(spread):
+        out = []
+        for b, centre in ((0.0, 0.80), (0.5, 0.90)):
+            for seed, sign in ((0, -1), (1, 1)):
+                a = _arm(
+                    f"g{b}",
+                    "grpo",
+                    "n64",
+                    {"kl_coef": b},
+                    _pts(rl_curve, [0, 1], ead_2=centre + sign * spread),
+                )
+                a["seed"] = seed
+                out.append(a)
+        return out
+
+    tight = all_claims({"arms": arms(0.01)})["b"]
+    # per β: mean ± SD/√2 with SD = 0.01·√2; pooled SD 0.01·√2 (2 df); SE of the difference = SD
+    row = tight["rows"][0]
+    assert row["diff"] == pytest.approx(0.10)
+    assert row["sd"] == pytest.approx(0.01 * math.sqrt(2))
+    assert row["se"] == pytest.approx(0.01 * math.sqrt(2))
+    assert tight["verdict"].startswith("No: a higher penalty kept *more* diversity")
+    assert "beyond two standard errors" in tight["verdict"]
+    loose = all_claims({"arms": arms(0.08)})["b"]  # SE 0.113 > 0.10 / 2
+    assert loose["verdict"].startswith("No difference detected")
+    assert "+0.100 ± 0.113" in loose["verdict"]

@@ -192,12 +192,26 @@ def claim_a(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def diversity_difference(values: dict[float, Sequence[float]]) -> dict[str, float]:
+    """Diversity at the highest β minus at the lowest, from the final evaluations of each β's
+    seeds: {"diff", "se", "sd", "df"}. The standard error pools the seed-to-seed standard deviation
+    over every β with two or more seeds (``sd``, ``df`` degrees of freedom) and scales it by
+    √(1/n_hi + 1/n_lo); nan when no β has two seeds."""
+    betas = sorted(values)
+    lo, hi = np.asarray(values[betas[0]], float), np.asarray(values[betas[-1]], float)
+    ss = sum(float(((np.asarray(v, float) - np.mean(v)) ** 2).sum()) for v in values.values())
+    df = sum(len(v) - 1 for v in values.values())
+    sd = math.sqrt(ss / df) if df > 0 else math.nan
+    se = sd * math.sqrt(1 / hi.size + 1 / lo.size) if df > 0 else math.nan
+    return {"diff": float(hi.mean() - lo.mean()), "se": se, "sd": sd, "df": float(df)}
+
+
 def claim_b(results: dict[str, Any]) -> dict[str, Any]:
     q = "Does a higher KL penalty give less output diversity?"
     groups = _groups(results["arms"])
-    by_family: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    by_family: dict[tuple[str, str], dict[float, list[float]]] = {}
     metric = None
-    for name, runs in groups.items():
+    for runs in groups.values():
         beta = _penalty(runs[0])
         if beta is None:
             continue
@@ -208,22 +222,63 @@ def claim_b(results: dict[str, Any]) -> dict[str, Any]:
                 break
         if metric is None or not all(metric in p for p in last):
             continue
-        value = float(np.mean([p[metric] for p in last]))
-        by_family.setdefault((runs[0]["method"], runs[0]["proxy"]), []).append((beta, value, name))
-    fams = {k: sorted(v) for k, v in by_family.items() if len({b for b, _, _ in v}) >= 2}
+        fam = by_family.setdefault((runs[0]["method"], runs[0]["proxy"]), {})
+        fam.setdefault(beta, []).extend(float(p[metric]) for p in last)
+    fams = {k: v for k, v in by_family.items() if len(v) >= 2}
     if not fams:
         return _untested(q, "needs trained arms at two or more fixed β (same method and proxy)")
-    parts, signs = [], []
+    parts, rows, signs = [], [], []
     for (method, proxy), vals in fams.items():
-        rho = spearman([b for b, _, _ in vals], [v for _, v, _ in vals])
-        signs.append(rho)
-        listing = ", ".join(f"β={b:g}: {v:.3f}" for b, v, _ in vals)
-        parts.append(
-            f"{method} on {proxy}: final {metric} {listing} (Spearman ρ with β {rho:+.2f})"
+        betas = sorted(vals)
+        rho = spearman([b for b in betas for _ in vals[b]], [v for b in betas for v in vals[b]])
+        c = diversity_difference(vals)
+        c["n"] = 1
+        sign = _differs(c) if math.isfinite(c["se"]) else 0
+        signs.append((sign, rho, math.isfinite(c["se"])))
+        listing = ", ".join(
+            f"β={b:g}: {np.mean(vals[b]):.3f}"
+            + (
+                f" ± {np.std(vals[b], ddof=1) / math.sqrt(len(vals[b])):.3f}"
+                if len(vals[b]) > 1
+                else ""
+            )
+            + f" ({len(vals[b])} seed{'s' if len(vals[b]) > 1 else ''})"
+            for b in betas
         )
-    finite = [r for r in signs if math.isfinite(r)]
+        err = (
+            f"β={betas[-1]:g} minus β={betas[0]:g}: {c['diff']:+.3f} ± {c['se']:.3f} "
+            f"(seed-to-seed SD {c['sd']:.3f} pooled over {c['df']:.0f} df)"
+            if math.isfinite(c["se"])
+            else f"β={betas[-1]:g} minus β={betas[0]:g}: {c['diff']:+.3f} "
+            "(one seed per β: no error bar)"
+        )
+        parts.append(
+            f"{method} on {proxy}: final {metric} {listing}; {err}; Spearman ρ with β {rho:+.2f}"
+        )
+        rows.append(
+            {"method": method, "proxy": proxy, "values": {str(b): vals[b] for b in betas}, **c}
+        )
+    detected = [s for s, _, has_se in signs if has_se and s != 0]
+    any_se = any(has_se for _, _, has_se in signs)
+    finite = [r for _, r, _ in signs if math.isfinite(r)]
     mean_rho = float(np.mean(finite)) if finite else math.nan
-    if mean_rho > 0:
+    if detected:
+        if all(s < 0 for s in detected):
+            head = "Yes: a higher penalty ended with less diversity, beyond two standard errors."
+        elif all(s > 0 for s in detected):
+            head = (
+                "No: a higher penalty kept *more* diversity (Kirk et al.'s direction), beyond "
+                "two standard errors."
+            )
+        else:
+            head = "Mixed: the direction differs between method/proxy families."
+    elif any_se:
+        way = "more" if mean_rho > 0 else "less" if mean_rho < 0 else "the same"
+        head = (
+            f"No difference detected: the higher penalty's {metric} (ending with {way} "
+            "diversity) is within two standard errors of the lowest β's."
+        )
+    elif mean_rho > 0:
         head = "No: a higher penalty kept *more* diversity (Kirk et al.'s direction)."
     elif mean_rho < 0:
         head = "Yes: a higher penalty ended with less diversity here."
@@ -234,7 +289,7 @@ def claim_b(results: dict[str, Any]) -> dict[str, Any]:
         "tested": True,
         "metric": metric,
         "verdict": head + " " + "; ".join(parts) + ".",
-        "rows": [{"method": m, "proxy": p, "values": v} for (m, p), v in fams.items()],
+        "rows": rows,
     }
 
 
