@@ -105,6 +105,17 @@ def test_lab_report_renders(lab_run):
     for part in ("Four claims", "Proxies", "Gao et al.", "Reward–KL frontier", "<svg", "token KL"):
         assert part in html, part
     assert main(["lab", "overopt", "--report-only", str(tmp / "lab")]) == 0
+    # every chart also as a standalone SVG: namespaced, sized, styled, well-formed XML
+    figures = sorted((tmp / "lab" / "figures").glob("*.svg"))
+    assert len(figures) == html.count('<svg class="chart"') >= 5
+    names = [f.name for f in figures]
+    assert "proxy-optimised-vs-sqrt-kl.svg" in names, names
+    import xml.etree.ElementTree as ET
+
+    for f in figures:
+        root = ET.fromstring(f.read_text())
+        assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("width")
+        assert root.find("{http://www.w3.org/2000/svg}style") is not None
 
 
 def test_lab_resumes_from_its_cache_and_reruns_a_changed_arm(lab_run, monkeypatch):

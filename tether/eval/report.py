@@ -970,6 +970,53 @@ def _other_section(runs: Sequence[RunData], used: set[str]) -> str:
     )
 
 
+_FIGURE_CSS = """
+svg { background: #fff; }
+text { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+  sans-serif; fill: #1f2328; }
+.title { font-size: 14px; font-weight: 600; }
+.tick { font-size: 11px; fill: #59636e; }
+.label { font-size: 12px; fill: #59636e; }
+.legend text { font-size: 11.5px; }
+.grid { stroke: #eceff2; stroke-width: 1; }
+.axis { stroke: #8c959f; stroke-width: 1; fill: none; }
+.line { fill: none; stroke-width: 2; stroke-linejoin: round; stroke-linecap: round; }
+.pt { stroke: #fff; stroke-width: 1; }
+"""
+
+_CHART_RE = re.compile(
+    r'<svg class="chart" viewBox="0 0 ([0-9.]+) ([0-9.]+)"(.*?)>(.*?)</svg>', re.S
+)
+
+
+def _ascii_title(title: str) -> str:
+    for a, b in (("√", "sqrt-"), ("β", "beta"), ("δ", "delta"), ("χ²", "chi2"), ("–", "-")):
+        title = title.replace(a, b)
+    return title.lower()
+
+
+def chart_figures(page: str) -> list[tuple[str, str]]:
+    """The charts of a rendered report page as standalone SVG files: [(file name, SVG text)],
+    each with its own namespace, size and style sheet (the page's CSS does not travel with a
+    chart), named after its title (``gold-vader-vs-kl.svg``; a repeated title gets ``-2``...)."""
+    out: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for m in _CHART_RE.finditer(page):
+        width, height, attrs, body = m.groups()
+        label = re.search(r'aria-label="([^"]*)"', attrs)
+        title = html.unescape(label.group(1)) if label else "chart"
+        slug = re.sub(r"[^a-z0-9]+", "-", _ascii_title(title)).strip("-")[:60]
+        seen[slug] = seen.get(slug, 0) + 1
+        name = f"{slug or 'chart'}{'' if seen[slug] == 1 else '-' + str(seen[slug])}.svg"
+        svg = (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"{attrs}><style>{_FIGURE_CSS}</style>'
+            f'<rect width="100%" height="100%" fill="#fff"/>{body}</svg>\n'
+        )
+        out.append((name, svg))
+    return out
+
+
 CSS = """
 :root { --fg: #1f2328; --muted: #59636e; --border: #d1d9e0; --soft: #f6f8fa; --link: #0969da; }
 * { box-sizing: border-box; }

@@ -29,6 +29,7 @@ from tether.eval.report import (
     _atomic_write,
     _kl_legend,
     _sample_card,
+    chart_figures,
     kl_scale,
     read_samples,
     sample_files,
@@ -40,6 +41,7 @@ from tether.lab.fits import gao_curve
 from tether.lab.results import validate_results
 
 REPORT_FILE = "report.html"
+FIGURES_DIR = "figures"
 FIT_POINTS = 40
 
 
@@ -311,7 +313,8 @@ def render_lab_report(results: dict[str, Any], lab_dir: Path, generated: str = "
 def write_lab_report(
     lab_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Write ``<lab_dir>/report.html`` (or ``out``) from ``<lab_dir>/results.json``."""
+    """Write ``<lab_dir>/report.html`` (or ``out``) from ``<lab_dir>/results.json``, and each of
+    its charts as a standalone SVG under ``figures/`` beside it (for papers and READMEs)."""
     lab_dir = Path(lab_dir)
     path = lab_dir / "results.json"
     if not path.is_file():
@@ -323,5 +326,10 @@ def write_lab_report(
     validate_results(results, str(path))
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     target = Path(out) if out else lab_dir / REPORT_FILE
-    _atomic_write(target, render_lab_report(results, lab_dir, generated))
+    page = render_lab_report(results, lab_dir, generated)
+    _atomic_write(target, page)
+    figures = target.parent / FIGURES_DIR
+    figures.mkdir(exist_ok=True)
+    for name, svg in chart_figures(page):
+        _atomic_write(figures / name, svg)
     return target
