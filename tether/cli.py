@@ -108,15 +108,24 @@ def _lab(args: argparse.Namespace) -> int:
     try:
         config = load_config(LabConfig, args.config, args.overrides)
         config.check_trainer_fields()
+        if not args.print_config:
+            config.check_paths()
     except (ConfigError, ValueError) as exc:
         print(f"tether lab: error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    from tether.data.chat import ChatTemplateError
+    from tether.data.errors import DataError
     from tether.lab.overopt import run_lab, summary_table
+    from tether.rewards.base import RewardError
 
-    results = run_lab(config)
+    try:
+        results = run_lab(config)
+    except (DataError, RewardError, ChatTemplateError, ConfigError) as exc:
+        print(f"tether lab: error: {exc}", file=sys.stderr)
+        return 2
     print(summary_table(results))
     if config.report:
         print(f"report: {Path(config.output_dir) / 'report.html'}")

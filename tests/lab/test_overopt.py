@@ -181,3 +181,15 @@ def test_lab_cli_reports_a_bad_trainer_field_without_a_traceback(capsys, tmp_pat
     assert rc == 2
     assert "tether lab: error: trainer.lora is not a field of any trainer" in err
     assert "Traceback" not in err and not (tmp_path / "lab").exists()
+
+
+def test_lab_cli_checks_paths_before_loading_anything(capsys, tmp_path):
+    from tether.cli import main
+
+    rc = main(["lab", "overopt", f"output_dir={tmp_path / 'lab'}", "prompts=nope.jsonl"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prompts: 'nope.jsonl' does not exist" in err
+    assert not (tmp_path / "lab").exists()
+    (tmp_path / "file").write_text("x")
+    rc = main(["lab", "overopt", f"output_dir={tmp_path / 'file'}"])
+    assert rc == 2 and "exists and is not a directory" in capsys.readouterr().err

@@ -183,6 +183,20 @@ class LabConfig:
             if bad:
                 raise ValueError(f"bon.proxies has {bad}; the proxies are {', '.join(names)}")
 
+    def check_paths(self) -> None:
+        """Fail fast on a prompts file or output_dir that cannot work (before the model loads)."""
+        from pathlib import Path
+
+        prompts = Path(self.prompts)
+        if not prompts.is_file():
+            what = "is a directory" if prompts.is_dir() else "does not exist"
+            raise ValueError(
+                f"prompts: {self.prompts!r} {what}; expected a JSONL/JSON/CSV/Parquet file"
+            )
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir: {self.output_dir!r} exists and is not a directory")
+
     def check_trainer_fields(self) -> None:
         """Fail fast on a ``trainer`` key no trainer has, or an arm field its trainer lacks
         (before minutes of sampling, not after)."""
