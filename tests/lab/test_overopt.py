@@ -92,6 +92,10 @@ def test_lab_results_follow_the_schema(lab_run):
     assert all(p["gold"] == p["gold"] for p in grpo["points"])  # gold measured at every eval
     recipe = (tmp / "lab" / "arms" / "grpo-kl_coef=0.5" / "seed0" / "recipe.yaml").read_text()
     assert "kl_coef: 0.5" in recipe and "lowercase_fraction" in recipe
+    arm_dir = tmp / "lab" / "arms" / "grpo-kl_coef=0.5" / "seed0"
+    # a finished arm keeps its model and metrics, not its resume-only checkpoints
+    assert (arm_dir / "final").is_dir() and (arm_dir / "metrics.jsonl").is_file()
+    assert not (arm_dir / "checkpoints").exists()
     assert set(saved["claims"]) == {"a", "b", "c", "d"}
     assert saved["claims"]["a"]["tested"] and saved["claims"]["d"]["tested"]
     assert not saved["claims"]["c"]["tested"]  # no trained arm on an ensemble

@@ -158,6 +158,11 @@ class LabConfig:
     )
     arms: list[ArmConfig] = option([], help="The trained arms.")
     report: bool = option(True, help="Write report.html at the end.")
+    keep_checkpoints: bool = option(
+        False,
+        help="Keep a finished arm's checkpoints/ (they only serve to resume it; a SmolLM2 arm's "
+        "are ~3 GB with optimizer state); final/ is always kept.",
+    )
 
     def __post_init__(self) -> None:
         if not self.output_dir:

@@ -498,6 +498,8 @@ class Lab:
             trajectory=traj,
             seconds=time.perf_counter() - t0,
         )
+        if not self.cfg.keep_checkpoints and (run_dir / "final").is_dir():
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return json.loads((run_dir / ARM_FILE).read_text(encoding="utf-8"))
 
     # -- the whole lab ---------------------------------------------------------------------------
