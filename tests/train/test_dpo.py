@@ -130,3 +130,19 @@ def test_config_errors(tmp_path):
         load_config(DPOConfig, y)
     with pytest.raises(ValueError, match="train_data is required"):
         train(DPOConfig(output_dir=str(tmp_path / "x"), model=str(tmp_path)))
+
+
+def test_precomputed_reference_shows_progress_once(tiny_dir, prefs, tmp_path, monkeypatch, capsys):
+    """Building the reference cache over the whole dataset is a long silent stage on a real
+    model: it prints plain progress lines (stdout is not a terminal here); a cache hit prints
+    none."""
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tiny_dir, prefs, tmp_path / "run", reference="precomputed", max_steps=1)
+    train(cfg)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("reference log-probs step")]
+    assert lines and lines[-1].startswith("reference log-probs step ") and "pairs" in lines[-1]
+    done, total = lines[-1].split()[3].split("/")
+    assert done == total and 1 <= len(lines) <= 11
+    train(_cfg(tiny_dir, prefs, tmp_path / "run2", reference="precomputed", max_steps=1))
+    assert "reference log-probs step" not in capsys.readouterr().out

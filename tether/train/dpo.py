@@ -157,6 +157,20 @@ def _batches(examples: list[PreferenceExample], size: int, pad_id: int):
         yield collate_preferences(examples[s : s + size], pad_id)
 
 
+def _with_progress(batches: Any, total: int, description: str) -> Any:
+    """Yield ``batches`` with a progress bar (plain lines every ~10% without a terminal); the bar
+    only appears once the first batch is asked for, so a cache hit shows nothing."""
+    from tether.runs import Progress
+
+    with Progress(total=total, description=description, metrics=["pairs"]) as bar:
+        every, pairs = max(1, total // 10), 0
+        for i, batch in enumerate(batches, 1):
+            yield batch
+            pairs += int(batch["input_ids"].shape[0]) // 2  # rows: B chosen, then B rejected
+            if i == total or i % every == 0:
+                bar.update(i, {"pairs": pairs})
+
+
 def build_reference(
     cfg: DPOConfig, model: Any, examples: list[PreferenceExample], data_fp: str, pad_id: int
 ) -> tuple[ReferencePolicy, ReferencePolicy | None]:
@@ -171,9 +185,12 @@ def build_reference(
             stacklevel=2,
         )
     if kind == "precomputed":
+        total = -(-len(examples) // cfg.micro_batch_size)
         ref = PrecomputedReference.build(
             model,
-            _batches(examples, cfg.micro_batch_size, pad_id),
+            _with_progress(
+                _batches(examples, cfg.micro_batch_size, pad_id), total, "reference log-probs"
+            ),
             cache_dir() / "reference",
             data_fingerprint=data_fp,
         )
