@@ -96,6 +96,13 @@ def test_lab_results_follow_the_schema(lab_run):
     # a finished arm keeps its model and metrics, not its resume-only checkpoints
     assert (arm_dir / "final").is_dir() and (arm_dir / "metrics.jsonl").is_file()
     assert not (arm_dir / "checkpoints").exists()
+    # the DPO arm trains on the proxy-labelled pairs it can see: 3 steps × 2 pairs (of 36)
+    pairs = (tmp / "lab" / "data" / "proxy-pairs-n8-6.jsonl").read_text().splitlines()
+    assert len(pairs) == 6 and len({json.loads(p)["prompt"] for p in pairs}) == 6  # round-robin
+    assert (
+        "proxy-pairs-n8-6.jsonl"
+        in (tmp / "lab" / "arms" / "dpo" / "seed0" / "recipe.yaml").read_text()
+    )
     assert set(saved["claims"]) == {"a", "b", "c", "d"}
     assert saved["claims"]["a"]["tested"] and saved["claims"]["d"]["tested"]
     assert not saved["claims"]["c"]["tested"]  # no trained arm on an ensemble

@@ -389,11 +389,29 @@ class Lab:
         save_cached(path, "proxy-quality", request, proxies=_finite(info))
         return info
 
-    def dpo_pairs(self, proxy: str, spec: Path, pool: Pool) -> Path:
-        """The training pool's pairs labelled by ``proxy`` (cached)."""
-        path = self.data / f"proxy-pairs-{proxy}.jsonl"
-        request = {"proxy": fingerprint_dir(spec), "pool": pool_fingerprint(pool)}
-        meta = self.data / f"proxy-pairs-{proxy}.json"
+    def dpo_budget(self, overrides: dict[str, Any]) -> int:
+        """The preference pairs a DPO arm can see: max_steps × batch_size ×
+        gradient_accumulation_steps (its own fields over the lab's trainer fields over the
+        DPO defaults)."""
+        from tether.train.dpo import DPOConfig
+
+        vals = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+        vals.update({k: v for k, v in self.cfg.trainer.items() if k in vals})
+        vals.update(overrides)
+        return (
+            int(vals["max_steps"])
+            * int(vals["batch_size"])
+            * int(vals["gradient_accumulation_steps"])
+        )
+
+    def dpo_pairs(self, proxy: str, spec: Path, pool: Pool, limit: int) -> Path:
+        """The training pool's pairs labelled by ``proxy`` (cached): the first ``limit`` of the
+        seeded round-robin over prompts, so that a DPO arm's precomputed reference covers only
+        what it can train on (all 5432 pairs of the full lab's pool took ~30 min to precompute for
+        an arm that sees 384)."""
+        path = self.data / f"proxy-pairs-{proxy}-{limit}.jsonl"
+        request = {"proxy": fingerprint_dir(spec), "pool": pool_fingerprint(pool), "limit": limit}
+        meta = self.data / f"proxy-pairs-{proxy}-{limit}.json"
         if load_cached(meta, request) is not None and path.is_file():
             return path
         flat_prompts, texts = pool.flat()
@@ -404,7 +422,7 @@ class Lab:
             pool.completions,
             [list(scores.values[i * k : (i + 1) * k]) for i in range(len(pool.prompts))],
         )
-        pairs = gold_pairs(labelled, 10**9, self.cfg.seed, 0.0)
+        pairs = gold_pairs(labelled, limit, self.cfg.seed, 0.0)
         write_pairs(path, pairs)
         save_cached(meta, "proxy-pairs", request, pairs=len(pairs))
         return path
@@ -537,10 +555,12 @@ class Lab:
         first_proxy = next(iter(proxies))
         for arm in cfg.arms:
             proxy = arm.proxy or first_proxy
-            dpo_data = (
-                self.dpo_pairs(proxy, proxies[proxy], train_pool) if arm.method == "dpo" else None
-            )
             for name, overrides in arm.expand():
+                dpo_data = (
+                    self.dpo_pairs(proxy, proxies[proxy], train_pool, self.dpo_budget(overrides))
+                    if arm.method == "dpo"
+                    else None
+                )
                 for seed in arm.seeds or cfg.seeds:
                     rec = self.trained_arm(
                         name, arm.method, proxy, proxies[proxy], overrides, seed, dpo_data
