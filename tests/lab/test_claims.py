@@ -95,6 +95,11 @@ def test_claim_d_dpo_frontier_against_rl():
     assert res["tested"] and res["verdict"].startswith("No: DPO's frontier lies below")
     c = compare_at_equal_kl(envelope(dpo["points"]), envelope(rl["points"]))
     assert c["n"] >= 1 and c["diff"] < 0
+    # a DPO run whose gold never beats its start is still compared (its frontier is its points
+    # past the start), not declared "not comparable"
+    flat = _arm("d", "dpo", "n64", {"beta": 0.1}, _pts(lambda d: -0.2 * d, [0, 0.5, 1]))
+    res = all_claims({"arms": [rl, flat]})["d"]
+    assert res["verdict"].startswith("No: DPO's frontier lies below") and res["n"] == 1
 
 
 def test_claim_b_with_seeds_uses_the_seed_to_seed_error_bar():

@@ -342,7 +342,11 @@ def claim_d(results: dict[str, Any]) -> dict[str, Any]:
     if not dpo or not rl:
         return _untested(q, "needs DPO arms and RL arms")
     rl_front = envelope(_group_points(rl))
-    dpo_front = envelope(_group_points(dpo))
+    # DPO's own frontier over its trained points (KL > 0): with the shared start point in it, a
+    # DPO run whose gold never beat its start would have a one-point frontier and no comparison
+    dpo_front = envelope([p for p in _group_points(dpo) if p["sqrt_kl"] > 0])
+    if not dpo_front:
+        return _untested(q, "the DPO arms have no evaluation past their start")
     c = compare_at_equal_kl(dpo_front, rl_front)
     s = _differs(c)
     best = {
