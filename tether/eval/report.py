@@ -776,7 +776,9 @@ def token_spans(sample: Mapping[str, Any], scale: float) -> str:
     return "".join(parts)
 
 
-def _sample_card(sample: Mapping[str, Any], scale: float) -> str:
+def sample_card(sample: Mapping[str, Any], scale: float) -> str:
+    """One sample as an HTML card: prompt, response tokens coloured by their KL (``scale`` = the
+    KL of the darkest colour), and its rewards."""
     esc = html.escape
     chips = [
         f'<span class="chip">{esc(name)} <b>{_fmt(value)}</b></span>'
@@ -801,7 +803,8 @@ def _sample_card(sample: Mapping[str, Any], scale: float) -> str:
     )
 
 
-def _kl_legend(scale: float) -> str:
+def kl_legend(scale: float) -> str:
+    """The HTML legend of :func:`sample_card`'s per-token KL colours up to ``scale``."""
     swatches = []
     for i in range(KL_LEGEND_STOPS):
         value = scale * i / (KL_LEGEND_STOPS - 1)
@@ -839,7 +842,7 @@ def _samples_section(runs: Sequence[RunData], shown: Sequence[dict[int, list]]) 
     if not every:
         parts.append('<p class="note">No samples/step-*.jsonl files in these runs.</p>')
     if any(_has_tokens(s) for s in every):
-        parts.append(_kl_legend(scale))
+        parts.append(kl_legend(scale))
     for run, per_run in zip(runs, shown, strict=True):
         if len(runs) > 1:
             parts.append(f'<h3 class="run-name">{html.escape(run.name)}</h3>')
@@ -848,7 +851,7 @@ def _samples_section(runs: Sequence[RunData], shown: Sequence[dict[int, list]]) 
         for step, samples in per_run.items():
             parts.append(f'<h4>step {step} <span class="note">· {len(samples)} shown</span></h4>')
             parts.append('<div class="sample-grid">')
-            parts.extend(_sample_card(s, scale) for s in samples)
+            parts.extend(sample_card(s, scale) for s in samples)
             parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -1155,7 +1158,7 @@ def render_report(
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1200,5 +1203,5 @@ def write_report(
     ]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out_path = Path(out) if out is not None else paths[0] / REPORT_FILE
-    _atomic_write(out_path, render_report(runs, shown, generated))
+    atomic_write(out_path, render_report(runs, shown, generated))
     return out_path

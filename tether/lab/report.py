@@ -26,12 +26,12 @@ from tether.eval.report import (
     CSS,
     PALETTE,
     SQRT_KL_LABEL,
-    _atomic_write,
-    _kl_legend,
-    _sample_card,
+    atomic_write,
     chart_figures,
+    kl_legend,
     kl_scale,
     read_samples,
+    sample_card,
     sample_files,
     select_samples,
     svg_line_chart,
@@ -243,12 +243,12 @@ def _samples(lab_dir: Path, arms: Sequence[dict[str, Any]]) -> str:
             shown.append((what, step, select_samples(read_samples(files[step]), 4)))
     scale = kl_scale(s for _, _, ss in shown for s in ss)
     blocks = [
-        f"<h3>{html.escape(what)}: step {step}</h3>" + "".join(_sample_card(s, scale) for s in ss)
+        f"<h3>{html.escape(what)}: step {step}</h3>" + "".join(sample_card(s, scale) for s in ss)
         for what, step, ss in shown
     ]
     return (
         f"<p>Arm <b>{html.escape(_label(arm))}</b> (the highest final KL).</p>"
-        + _kl_legend(scale)
+        + kl_legend(scale)
         + "".join(blocks)
     )
 
@@ -327,9 +327,9 @@ def write_lab_report(
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     target = Path(out) if out else lab_dir / REPORT_FILE
     page = render_lab_report(results, lab_dir, generated)
-    _atomic_write(target, page)
+    atomic_write(target, page)
     figures = target.parent / FIGURES_DIR
     figures.mkdir(exist_ok=True)
     for name, svg in chart_figures(page):
-        _atomic_write(figures / name, svg)
+        atomic_write(figures / name, svg)
     return target
