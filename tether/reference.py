@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -277,9 +278,6 @@ class PrecomputedReference(ReferencePolicy):
         if not table:
             raise ValueError("precomputed reference: the data yielded no sequences")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(table, str(tmp))
-        os.replace(tmp, path)
         meta = {
             "model_fingerprint": fp,
             "data_fingerprint": data_fingerprint,
@@ -288,7 +286,17 @@ class PrecomputedReference(ReferencePolicy):
             "sequences": len(table),
             "tokens": n_tokens,
         }
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        # Both files atomically (a private temporary name, then a rename), the metadata first:
+        # a reader that sees the table also sees its metadata, and two writers (processes,
+        # runs) never interleave in one file.
+        suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
+        meta_path = path.with_suffix(".json")
+        tmp_meta = meta_path.with_name(meta_path.name + suffix)
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_meta, meta_path)
+        tmp = path.with_name(path.name + suffix)
+        save_file(table, str(tmp))
+        os.replace(tmp, path)
         return cls(path)
 
     def logprobs(

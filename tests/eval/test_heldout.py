@@ -20,8 +20,8 @@ from tether.eval.heldout import (
 )
 from tether.runs import read_metrics
 
-PROXY = "tests.helpers.rewards:vowel_fraction"
-GOLD = "tests.helpers.rewards:negated_vowel_fraction"
+PROXY = "tests.helpers.rewards:uppercase_fraction"
+GOLD = "tests.helpers.rewards:negated_uppercase_fraction"
 
 
 # -- pure pieces ----------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_rl_eval_metrics_and_samples(ppo_run, capsys):
     first, last = evals[0], evals[-1]
     keys = {
         "eval/proxy",
-        "eval/gold/negated_vowel_fraction",
+        "eval/gold/negated_uppercase_fraction",
         "eval/kl/k1",
         "eval/kl/k3",
         "eval/kl/exact",
@@ -219,8 +219,8 @@ def test_rl_eval_metrics_and_samples(ppo_run, capsys):
     rows = [json.loads(x) for x in files[-1].read_text().splitlines()]
     assert len(rows) == 8 * 4
     r = rows[0]
-    assert set(r["rewards"]) == {"proxy", "negated_vowel_fraction"}
-    assert r["rewards"]["negated_vowel_fraction"] == pytest.approx(-r["rewards"]["proxy"])
+    assert set(r["rewards"]) == {"proxy", "negated_uppercase_fraction"}
+    assert r["rewards"]["negated_uppercase_fraction"] == pytest.approx(-r["rewards"]["proxy"])
     n = len(r["tokens"])
     assert len(r["logp"]) == len(r["ref_logp"]) == len(r["token_kl"]) == n > 0
     assert "".join(r["tokens"]) == r["completion"] or n > 0
@@ -269,7 +269,7 @@ def test_rl_warns_once_when_proxy_rises_and_gold_falls(tiny_dir, files, tmp_path
     out = captured.out
     assert out.count("tether: over-optimisation") == 1, out
     assert "tether: over-optimisation" not in captured.err  # not printed twice
-    assert "negated_vowel_fraction fell" in out
+    assert "negated_uppercase_fraction fell" in out
 
 
 def test_eval_leaves_the_training_rng_alone(tiny_dir, files, tmp_path):
@@ -297,14 +297,14 @@ def test_early_stop_keeps_the_best_policy(tiny_dir, files, tmp_path):
         out,
         max_steps=40,
         eval_steps=2,
-        early_stop_on="eval/gold/negated_vowel_fraction",
+        early_stop_on="eval/gold/negated_uppercase_fraction",
         early_stop_patience=2,
     )
     train(cfg)
     evals = _evals(out)
     assert evals[-1]["step"] < 40  # stopped early
     best = json.loads((out / "best" / "best.json").read_text())
-    gold = {r["step"]: r["eval/gold/negated_vowel_fraction"] for r in evals}
+    gold = {r["step"]: r["eval/gold/negated_uppercase_fraction"] for r in evals}
     assert best["value"] == max(gold.values()) and gold[best["step"]] == best["value"]
     # patience: the last 2 evaluations did not improve on the best
     assert best["step"] == evals[-3]["step"]
@@ -359,7 +359,7 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
     from tether.train.dpo import DPOConfig, train
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
-    rows = [{"prompt": f"Say {i}:", "chosen": "eeeeeeee", "rejected": "xkq zzv"} for i in range(40)]
+    rows = [{"prompt": f"Say {i}:", "chosen": "EEEEEEEE", "rejected": "xkq zzv"} for i in range(40)]
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "dpo"
@@ -388,7 +388,7 @@ def test_offline_dpo_eval_on_heldout_pair_prompts(tiny_dir, files, tmp_path, mon
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert evals[0]["eval/kl/exact"] == pytest.approx(0.0, abs=1e-6)  # live copy = policy
     assert "eval/loss" in evals[-1]  # the preference eval still runs beside it
-    assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"] + 0.05  # it learned to write 'e'
+    assert evals[-1]["eval/proxy"] > evals[0]["eval/proxy"] + 0.05  # it learned to write capitals
     assert evals[-1]["eval/proxy_gold_gap"] > 0.5
     rows = [json.loads(x) for x in (out / "samples" / "step-000012.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in rows} <= {f"Say {i}:" for i in range(40)}

@@ -10,6 +10,7 @@ import torch
 from tether.models import load_policy
 from tether.reference import CopyReference
 from tether.runs import read_metrics
+from tether.train.distributed import Dist
 from tether.train.grpo import GRPOConfig, RLOOConfig, group_advantages
 from tether.train.grpo import train as train_group
 from tether.train.ppo import PPOConfig, PPOPenaltyConfig
@@ -300,7 +301,7 @@ def test_trpo_step_respects_delta_measured_independently(tiny_dir, prompts):
     for delta in (1e-3, 1e-2):
         cfg.max_kl = delta
         theta = [p.detach().clone() for p in pol.model.parameters()]
-        stats = trpo_policy_step(SimpleNamespace(model=pol.model), exp, adv, cfg)
+        stats = trpo_policy_step(SimpleNamespace(model=pol.model, dist=Dist()), exp, adv, cfg)
         with torch.no_grad():
             _, after = _policy_outputs(pol.model, exp, 1.0)
         kl = float(_mean_kl(before, after, exp.response_mask))

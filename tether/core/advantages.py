@@ -21,6 +21,8 @@ Everything is computed in ≥ fp32 and is pure: tensors in, tensors out, nothing
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -164,8 +166,14 @@ def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def whiten_advantages(advantages: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten_advantages(
+    advantages: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Whiten advantages over the masked tokens (zero mean unless ``shift_mean=False``, unit
     variance); 0 off the mask. PPO-for-LMs practice (Ziegler 2019; Huang et al. 2022 "N+
-    implementation details of RLHF with PPO")."""
-    return masked_whiten(_f(advantages), mask.bool(), shift_mean=shift_mean)
+    implementation details of RLHF with PPO"). ``reduce``: a sum over processes, so that the
+    statistics are the global batch's (see :func:`tether.core.masked.masked_whiten`)."""
+    return masked_whiten(_f(advantages), mask.bool(), shift_mean=shift_mean, reduce=reduce)

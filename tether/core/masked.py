@@ -20,6 +20,7 @@ Shapes: ``B`` batch, ``T`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -106,7 +107,13 @@ def _unsqueeze_all(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Normalise ``x`` to zero mean and unit variance over all masked positions.
 
     ``(x − mean) / sqrt(var + eps)`` with mean and (unbiased) variance taken over the positions
@@ -118,12 +125,23 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: BoolTensor, same shape.
         shift_mean: subtract the mean (True) or only rescale (False).
         eps: added to the variance before the square root.
+        reduce: a sum over processes (e.g. :meth:`tether.train.distributed.Dist.sum`): the mean
+            and variance are then those of the masked positions of *every* process's ``x``
+            (two passes: Σx and n, then Σ(x − mean)²), as on one process with the whole batch.
 
     Returns:
         A tensor of ``x``'s shape in the accumulation dtype (float32, or float64 for float64).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        xf = x.to(_acc_dtype(x))
+        first = reduce(torch.stack([masked_sum(xf, mask), masked_count(mask).to(xf.dtype)]))
+        n = first[1]
+        mean = first[0] / n.clamp(min=1.0)
+        ss = reduce(masked_sum((xf - mean) ** 2, mask))
+        var = torch.where(n > 1, ss / (n - 1.0).clamp(min=1.0), torch.zeros_like(ss))
     xf = x.to(mean.dtype)
     out = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:

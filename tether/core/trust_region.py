@@ -114,7 +114,10 @@ def conjugate_gradient(
 
 
 def fisher_vector_product(
-    mean_kl: Tensor, params: Sequence[Tensor], damping: float = 0.1
+    mean_kl: Tensor,
+    params: Sequence[Tensor],
+    damping: float = 0.1,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """v ↦ (∇²_θ KL̄ + damping·I) v at the current θ, by double back-propagation.
 
@@ -127,6 +130,9 @@ def fisher_vector_product(
         mean_kl: scalar, differentiable w.r.t. ``params``.
         params: the parameters θ (only these span the natural-gradient space).
         damping: Tikhonov damping added to F (conditioning for CG).
+        reduce: a sum over processes. With data sharded over processes, each passes its share
+            of the global mean (its masked KL sum over the *global* token count); the Hessian-
+            vector products are summed, then the damping is added once.
 
     Returns:
         A function v (N,) ↦ F v + damping·v (N,).
@@ -138,6 +144,8 @@ def fisher_vector_product(
     def product(v: Tensor) -> Tensor:
         gv = grad.dot(v.to(grad.dtype).detach())
         hv = flat_grad(gv, params, retain_graph=True)
+        if reduce is not None:
+            hv = reduce(hv)
         return hv + damping * v
 
     return product

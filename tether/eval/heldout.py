@@ -58,7 +58,7 @@ from tether.data import PromptExample, load_prompt_dataset
 from tether.eval.capability import NLL, corpus_nll, corpus_nll_of
 from tether.eval.diversity import distinct_n, expectation_adjusted_distinct
 from tether.eval.selfbleu import self_bleu
-from tether.models.generation import SamplingConfig, generate
+from tether.models.generation import SamplingConfig, generate, sample_seed
 from tether.models.logprobs import forward_logprobs, unwrap_model
 from tether.models.numerics import fp32_numerics, weights_are_fp32
 from tether.rewards import RewardFn, make_reward, validate_rewards
@@ -524,6 +524,13 @@ class HeldOutEvaluator:
         return list(gather_object(records))
 
     @property
+    def _sharded(self) -> bool:
+        """Sharded parameters (FSDP, ZeRO-3): every forward is a collective."""
+        from tether.models.rollout import SHARDED
+
+        return self.acc is not None and str(self.acc.distributed_type) in SHARDED
+
+    @property
     def _main(self) -> bool:
         return self.acc is None or self.acc.is_main_process
 
@@ -614,7 +621,7 @@ class HeldOutEvaluator:
             sampling=self.sampling.__dict__,
             prompts=[e.prompt for e in self.prompts],
             proxy=self.proxy_spec,
-            schema=1,
+            schema=2,  # 2: per-sample seeded sampling
         )
         text = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -647,7 +654,11 @@ class HeldOutEvaluator:
         os.replace(tmp, path)
 
     def _generate(
-        self, model: nn.Module, prompt_ids: list[list[int]], autocast: Callable[[], Any]
+        self,
+        model: nn.Module,
+        prompt_ids: list[list[int]],
+        autocast: Callable[[], Any],
+        seeds: list[int] | None = None,
     ) -> list[Any]:
         rollouts = []
         base = unwrap_model(model)
@@ -667,6 +678,10 @@ class HeldOutEvaluator:
                                 self.sampling,
                                 compute_logprobs=False,
                                 compute_sampler_logprobs=False,
+                                row_seeds=None
+                                if seeds is None
+                                else seeds[s : s + self.cfg.eval_batch_size],
+                                synced_processes=self._sharded,
                             )
                         )
         finally:
@@ -687,7 +702,10 @@ class HeldOutEvaluator:
             return []
         flat = [(pi, si, ex) for pi, ex in shard for si in range(k)]
         records: list[dict[str, Any]] = []
-        for ro in self._generate(model, [ex.prompt_ids for _, _, ex in flat], autocast):
+        # one seed per (prompt, sample): the same samples on any number of processes, and the
+        # same noise at every evaluation (common random numbers across steps)
+        seeds = [sample_seed(self.cfg.seed + SEED_OFFSET, 0, pi * k + si) for pi, si, _ in flat]
+        for ro in self._generate(model, [ex.prompt_ids for _, _, ex in flat], autocast, seeds):
             part = flat[len(records) : len(records) + ro.input_ids.shape[0]]
             resp = ro.response_mask
             ids = [ro.response_ids[i][resp[i]].tolist() for i in range(resp.shape[0])]

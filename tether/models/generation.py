@@ -16,10 +16,19 @@ float rounding only). Top-k / top-p truncation is *not* part of π_θ,T: with th
 from a renormalised, truncated distribution whose log-probs, ``sampler_logprobs`` (from the
 processed generation scores), are ≥ ``logprobs``. The gap is the off-policy error that every
 RLHF framework accepts when it samples with top-p; ``sampler_logprobs`` lets you measure it.
+
+Per-sample seeds (``row_seeds``). By default the tokens come from torch's global RNG, so a sample
+depends on which process drew it and on the rest of its batch. With one seed per row, each row
+draws its token by the Gumbel-max trick from its own generator (argmax of log p + Gumbel noise is
+an exact sample of p; Gumbel 1954, as in Kool et al. 2019): the sample is a function of the seed
+and the model alone, so a global batch split over N processes is sampled as on one process
+(:func:`sample_seeds` derives the seeds from the run seed, the step and the global sample index).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +136,51 @@ class _SamplerLogProbs:
         return out[:, :r].float()
 
 
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of global sample ``index`` of iteration ``step`` of a run with ``seed``:
+    a hash of the three, so a sample gets the same seed whichever process draws it and however
+    the global batch is split."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_seeds(seed: int, step: int, start: int, n: int) -> list[int]:
+    """:func:`sample_seed` of the global samples ``start … start + n − 1``."""
+    return [sample_seed(seed, step, i) for i in range(start, start + n)]
+
+
+class _RowSeededSampler:
+    """A logits processor, placed last, that draws each row's token by Gumbel-max from the row's
+    own generator and returns scores that put all the mass on it (−inf elsewhere), so the
+    generation loop's multinomial draw is deterministic. Every step draws V uniforms per row,
+    whether or not the row has finished, so a row's noise depends only on its seed and step."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(
+                f"{len(self.generators)} row seeds for a batch of {scores.shape[0]} rows"
+            )
+        v = scores.shape[-1]
+        noise = torch.stack(
+            [
+                torch.rand(v, generator=g, device=scores.device, dtype=torch.float64)
+                for g in self.generators
+            ]
+        )  # (B, V) uniforms in [0, 1)
+        gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300)))
+        logp = torch.log_softmax(scores.double(), dim=-1)
+        choice = (logp + gumbel).argmax(-1)  # (B,)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, choice[:, None], 0.0)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -137,6 +191,8 @@ def generate(
     compute_logprobs: bool = True,
     compute_sampler_logprobs: bool = True,
     sampler: Any = None,
+    row_seeds: Sequence[int] | None = None,
+    synced_processes: bool = False,
 ) -> Rollout:
     """Sample one response per prompt with the KV cache and recompute behaviour log-probs.
 
@@ -153,6 +209,11 @@ def generate(
         sampler: the model that draws the tokens, if not ``model`` (e.g. the half-precision
             copy of :class:`tether.models.rollout.RolloutWeights`); the behaviour log-probs
             still come from ``model``'s training forward.
+        row_seeds: one seed per prompt: each row samples from its own generator (Gumbel-max),
+            independently of the batch and the process (see :func:`sample_seeds`).
+        synced_processes: keep decoding until every process's batch has finished (HF's
+            ``synced_gpus``): needed when the parameters are sharded (FSDP, ZeRO-3), whose every
+            forward is a collective that all processes must join.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -174,6 +235,8 @@ def generate(
         return_dict_in_generate=True,
         use_cache=True,
     )
+    if synced_processes:
+        kwargs["synced_gpus"] = True
     # The sampling warpers are passed as our own processors (HF's classes, HF's order) so that
     # the recorder runs after them: HF puts its own warpers after any custom processor.
     kwargs.update(temperature=None, top_k=None, top_p=None)
@@ -188,6 +251,10 @@ def generate(
     recorder = _SamplerLogProbs() if compute_sampler_logprobs else None
     if recorder is not None:
         processors.append(recorder)
+    if row_seeds is not None and sampling.do_sample:
+        if len(row_seeds) != len(prompt_ids):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(prompt_ids)} prompts")
+        processors.append(_RowSeededSampler(row_seeds, device))
     if processors:
         kwargs["logits_processor"] = processors
     was_training = gen_model.training

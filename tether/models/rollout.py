@@ -15,6 +15,33 @@ first training forward at θ_old), so the sampler's bf16 rounding changes which 
 never the probabilities the loss uses — the same contract as any RLHF framework that samples with
 an inference engine. Buffers (e.g. rotary ``inv_freq``) stay in their training dtype; tied
 parameters stay tied (one copy). Memory: 2 bytes per parameter.
+
+The rollout-engine seam. Everything a trainer needs from whatever samples its rollouts passes
+through :func:`tether.models.generation.generate` (called by :func:`tether.train.rl.collect`, online
+DPO and the held-out evaluator), and the contract is small:
+
+1. **Weights in.** Before each rollout the engine is brought to the trainer's current θ
+   (:meth:`RolloutWeights.sync` here: an in-place copy; for an external engine such as vLLM,
+   colocated on the same GPUs, a ``load_weights`` of the gathered full state dict, once per
+   iteration, then its KV cache reset; under FSDP/ZeRO-3 the gather is a collective on every
+   process).
+2. **Tokens out.** For B prompts (token ids, no padding) and a :class:`SamplingConfig`, return the
+   response token ids (B, R), the mask up to and including the first EOS, and whether each ended
+   with EOS: :class:`tether.models.generation.Rollout` without ``logprobs``.
+3. **The sampler's log-probs.** The log-prob the engine gave each drawn token *after* its own
+   temperature/top-k/top-p (``Rollout.sampler_logprobs``; vLLM: ``SamplingParams(logprobs=0)``).
+   The behaviour log-probs of the loss always come from tether's training forward, so an engine
+   can never bias the loss's π_old; ``kl/sampler_trainer`` measures the engine/trainer mismatch and
+   ``tis_cap`` corrects it by truncated importance sampling.
+4. **Per-sample seeds.** ``row_seeds`` (one per prompt,
+   :func:`tether.models.generation.sample_seeds`) make a sample independent of the batch and the
+   process; an engine that cannot honour them (vLLM's per-request ``seed`` can) loses only the
+   N-process = 1-process equality, not correctness.
+
+A vLLM engine is therefore a class with ``sync(model)`` and ``generate(prompt_ids, sampling,
+row_seeds) -> Rollout`` that :func:`rollout_weights` returns instead of :class:`RolloutWeights`
+(``rollout_engine: hf | vllm``). It is not implemented: it needs CUDA, and no GPU was available
+to build and measure it against HF generate.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from tether.train.common import (
     save_policy_to,
     split_micro_batches,
 )
+from tether.train.distributed import Dist, MetricSums, global_count
 
 
 @dataclass
@@ -172,9 +173,17 @@ def _with_progress(batches: Any, total: int, description: str) -> Any:
 
 
 def build_reference(
-    cfg: DPOConfig, model: Any, examples: list[PreferenceExample], data_fp: str, pad_id: int
+    cfg: DPOConfig,
+    model: Any,
+    examples: list[PreferenceExample],
+    data_fp: str,
+    pad_id: int,
+    accelerator: Any = None,
 ) -> tuple[ReferencePolicy, ReferencePolicy | None]:
-    """The reference, and (for precomputed) a live copy used only for the exact-KL metric."""
+    """The reference, and (for precomputed) a live copy used only for the exact-KL metric.
+
+    A precomputed reference's cache is shared by every process: the main process builds it (or
+    finds it), the others wait at a barrier and then load it."""
     kind = cfg.reference_kind
     if kind == "precomputed" and resolve_mixed_precision(cfg.mixed_precision) in HALF_PRECISIONS:
         warnings.warn(
@@ -186,14 +195,25 @@ def build_reference(
         )
     if kind == "precomputed":
         total = -(-len(examples) // cfg.micro_batch_size)
-        ref = PrecomputedReference.build(
-            model,
-            _with_progress(
-                _batches(examples, cfg.micro_batch_size, pad_id), total, "reference log-probs"
-            ),
-            cache_dir() / "reference",
-            data_fingerprint=data_fp,
-        )
+
+        def build() -> PrecomputedReference:
+            return PrecomputedReference.build(
+                model,
+                _with_progress(
+                    _batches(examples, cfg.micro_batch_size, pad_id), total, "reference log-probs"
+                ),
+                cache_dir() / "reference",
+                data_fingerprint=data_fp,
+            )
+
+        if accelerator is None or accelerator.num_processes == 1:
+            ref = build()
+        else:
+            if accelerator.is_main_process:
+                ref = build()
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                ref = build()  # the main process's cache: loaded, not recomputed
         live = None
         if cfg.exact_kl_samples > 0 or (cfg.eval_generate and cfg.eval_steps):
             live = (
@@ -271,11 +291,16 @@ def exact_chosen_kl(
     return per_pos.sum(-1)
 
 
-def _mean_stats(chunks: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    keys = chunks[0].keys()
-    return {
-        k: torch.cat([c[k].float().reshape(-1).cpu() for c in chunks]).mean().item() for k in keys
-    }
+def _mean_stats(
+    chunks: list[dict[str, torch.Tensor]], dist: Dist | None = None
+) -> dict[str, float]:
+    """Each statistic's mean over every pair of ``chunks`` (of every process with ``dist``)."""
+    sums = MetricSums()
+    for c in chunks:
+        for k, v in c.items():
+            v = v.detach().float().reshape(-1)
+            sums.ratio(k, v.sum(), v.numel())
+    return sums.reduce(dist or Dist())
 
 
 @torch.no_grad()
@@ -332,6 +357,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     if not cfg.train_data:
         raise ValueError("train_data is required: a preference file with prompt/chosen/rejected")
     acc = make_accelerator(cfg)
+    dist = Dist(acc)
     policy = load_trainable_policy(cfg)
     tok = policy.tokenizer
     pad_id = tok.pad_token_id
@@ -339,7 +365,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     model = policy.model.to(acc.device)
     # the reference is computed in the precision the policy trains in: at step 0, π = π_ref
     with acc.autocast():
-        reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id)
+        reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id, acc)
 
     module = PolicyLogProbs(model)
     optimizer = make_optimizer(module, cfg)
@@ -392,23 +418,21 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             reference.on_step(model, step)
 
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                metrics = _mean_stats(window)
                 if live_ref is not None and cfg.exact_kl_samples > 0:
-                    metrics["kl/chosen_exact"] = (
-                        exact_chosen_kl(
-                            model,
-                            live_ref,
-                            batch,
-                            min(cfg.exact_kl_samples, batch["input_ids"].shape[0] // 2),
-                        )
-                        .mean()
-                        .item()
+                    exact = exact_chosen_kl(
+                        model,
+                        live_ref,
+                        batch,
+                        min(cfg.exact_kl_samples, batch["input_ids"].shape[0] // 2),
                     )
+                    window.append({"kl/chosen_exact": exact})
+                metrics = _mean_stats(window, dist)  # over every process's pairs
+                all_tokens = global_count(dist, tokens)
                 elapsed = time.perf_counter() - t0
                 metrics.update(
                     {
                         "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens / max(elapsed, 1e-9),
+                        "tokens_per_s": all_tokens / max(elapsed, 1e-9),
                         "s_per_step": elapsed / window_steps,
                     }
                 )

@@ -29,6 +29,7 @@ from tether.core.kl import Estimator
 from tether.core.losses import ppo_clip_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
 from tether.runs.config import option
+from tether.train.distributed import MetricSums
 from tether.train.rl import (
     Experience,
     KLPlacement,
@@ -39,6 +40,7 @@ from tether.train.rl import (
     sequence_rewards,
     tis_weights,
     train_loop,
+    update_metrics,
 )
 
 
@@ -147,13 +149,15 @@ def group_update(
     mb = n // cfg.num_mini_batches
     micro = mb // cfg.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    logs: dict[str, list[float]] = {}
+    dist = sess.dist
+    sums, local = MetricSums(), {"grad_norm": []}
+    steps = 0
     module.train()
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=gen).to(exp.input_ids.device)
         for m in range(cfg.num_mini_batches):
             rows = perm[m * mb : (m + 1) * mb]
-            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows])
+            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows], dist)
             for c in range(cfg.gradient_accumulation_steps):
                 idx = rows[c * micro : (c + 1) * micro]
                 mask = exp.response_mask[idx]
@@ -185,23 +189,25 @@ def group_update(
                             None if exp.kl_logprobs is None else exp.kl_logprobs[idx],
                         )
                         loss = loss + beta * aggregate(kl_t, mask, cfg.loss_aggregation, denom)
-                acc.backward(loss)
+                acc.backward(loss * dist.grad_scale)
+                tokens = mask.sum()
+                sums.total("loss/policy", pg.loss.detach())
                 for k, v in (
-                    ("loss/policy", pg.loss),
                     ("clip_fraction", pg.clip_fraction),
                     ("kl_old_new", pg.kl_old_new),
                     ("ratio", pg.ratio_mean),
                 ):
-                    logs.setdefault(k, []).append(float(v.detach()))
+                    sums.mean(k, v.detach(), tokens)
                 if w is not None:
-                    logs.setdefault("tis/weight", []).append(float(masked_mean(w, mask)))
+                    sums.mean("tis/weight", masked_mean(w, mask), tokens)
             if cfg.max_grad_norm is not None:
                 gn = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-                logs.setdefault("grad_norm", []).append(gn)
+                local["grad_norm"].append(gn)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in logs.items()}
+            steps += 1
+    return update_metrics(sums, dist, steps, ("loss/policy",), local)
 
 
 def train(cfg: GRPOConfig) -> dict[str, float]:

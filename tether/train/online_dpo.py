@@ -28,6 +28,7 @@ from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
+from tether.models.generation import sample_seeds
 from tether.models.numerics import (
     check_fp32_weights,
     fp32_policy_logprobs,
@@ -53,6 +54,7 @@ from tether.train.common import (
     save_policy_to,
     split_heldout_prompts,
 )
+from tether.train.distributed import Dist, MetricSums, check_same, global_count
 from tether.train.dpo import sequence_logps
 
 
@@ -143,6 +145,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         raise ValueError("prompts is required: a prompt file with a 'prompt' column")
     judge = make_reward(cfg.judge)
     acc = make_accelerator(cfg)
+    dist = Dist(acc)
     policy = load_trainable_policy(cfg)
     tok = policy.tokenizer
     data, eval_prompts = split_heldout_prompts(
@@ -218,6 +221,10 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                     compute_logprobs=False,  # the training forward below is at θ_old
                     compute_sampler_logprobs=False,
                     sampler=None if sampler is None else sampler.model,
+                    row_seeds=sample_seeds(
+                        cfg.seed, step, dist.rank * len(prompt_ids), len(prompt_ids)
+                    ),
+                    synced_processes=str(acc.distributed_type) in SHARDED,
                 )
             gen_s = time.perf_counter() - t_gen
             texts = [
@@ -230,15 +237,27 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             scores = validate_rewards(judge(prompts_text, texts), len(texts), cfg.judge)
             batch, counts = pair_batch(rollout, list(scores), cfg.min_score_gap)
             beta = scheduled_beta(cfg, controller, step)
-            stats: dict[str, float] = {
-                "score": float(sum(scores) / len(scores)),
-                **counts,
-                "beta": beta,
-                "gen_s": gen_s,
-            }
+            sums = MetricSums()
+            sums.ratio("score", sum(scores), len(scores))
+            sums.total("pairs", counts["pairs"])
+            sums.total("ties", counts["ties"])
+            sums.mean("gen_s", gen_s)
             module.train()
             b = int(counts["pairs"])
-            if b > 0:
+            b_all = int(global_count(dist, b))  # every process takes the same branch
+            if b_all > 0:
+                if b == 0:
+                    # No pair here, but the gradient all-reduce needs every process: a
+                    # zero-weighted forward/backward on one sampled sequence joins it.
+                    order = torch.tensor([0], dtype=torch.long)
+                    p = rollout.prompt_length
+                    full_resp = torch.zeros_like(rollout.attention_mask)
+                    full_resp[:, p:] = rollout.response_mask
+                    batch = {
+                        "input_ids": rollout.input_ids[order],
+                        "attention_mask": rollout.attention_mask[order],
+                        "response_mask": full_resp[order],
+                    }
                 ids, am = batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device)
                 resp = batch["response_mask"][:, 1:].to(acc.device)
                 # Both sides of the KL in the KL's numerics; the loss's reference carried into the
@@ -254,41 +273,45 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                     behaviour = token_logps.detach()
                     if pol_kl is None:
                         pol_kl = behaviour
-                    ref_loss = anchored_ref_logp(ref_lp, pol_kl, behaviour)
-                    seq, ref_seq = (
-                        sequence_logps(token_logps, resp, False),
-                        sequence_logps(ref_loss, resp, False),
-                    )
-                    out = dpo_loss(
-                        seq[:b],
-                        seq[b:],
-                        ref_seq[:b],
-                        ref_seq[b:],
-                        beta,
-                        cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing,
-                    )
-                    loss = out.losses.mean()
-                acc.backward(loss)
+                    if b == 0:
+                        loss = 0.0 * token_logps.sum()
+                    else:
+                        ref_loss = anchored_ref_logp(ref_lp, pol_kl, behaviour)
+                        seq, ref_seq = (
+                            sequence_logps(token_logps, resp, False),
+                            sequence_logps(ref_loss, resp, False),
+                        )
+                        out = dpo_loss(
+                            seq[:b],
+                            seq[b:],
+                            ref_seq[:b],
+                            ref_seq[b:],
+                            beta,
+                            cfg.loss_type,
+                            label_smoothing=cfg.label_smoothing,
+                        )
+                        # this process's share of the mean over every process's pairs
+                        loss = out.losses.sum() / b_all
+                acc.backward(loss * dist.grad_scale)
                 if cfg.max_grad_norm is not None:
-                    stats["grad_norm"] = float(
-                        acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                    )
+                    stats_grad = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
                 optimizer.step()
-                # on-policy KL: the samples came from π_θ before this update
-                kl1 = masked_sum(k1(pol_kl, ref_lp), resp, dim=-1)
-                kl3 = masked_sum(k3(pol_kl, ref_lp), resp, dim=-1)
-                stats.update(
-                    {
-                        "loss": loss.item(),
-                        "rewards/accuracy": out.accuracy.mean().item(),
-                        "rewards/margin": out.margins.mean().item(),
-                        "kl/k1": kl1.mean().item(),
-                        "kl/k3": kl3.mean().item(),
-                        "response_length": float(resp.sum(-1).float().mean()),
-                    }
-                )
-                controller.update(max(stats["kl/k1"], 0.0), n_steps=2 * b)
+                if b > 0:
+                    # on-policy KL: the samples came from π_θ before this update
+                    kl1 = masked_sum(k1(pol_kl, ref_lp), resp, dim=-1)
+                    kl3 = masked_sum(k3(pol_kl, ref_lp), resp, dim=-1)
+                    sums.ratio("loss", out.losses.detach().sum(), b)
+                    sums.ratio("rewards/accuracy", out.accuracy.sum(), b)
+                    sums.ratio("rewards/margin", out.margins.sum(), b)
+                    sums.ratio("kl/k1", kl1.sum(), 2 * b)
+                    sums.ratio("kl/k3", kl3.sum(), 2 * b)
+                    sums.ratio("response_length", resp.sum(), 2 * b)
+            stats = sums.reduce(dist)
+            stats["beta"] = beta
+            if b_all > 0:
+                if cfg.max_grad_norm is not None:
+                    stats["grad_norm"] = stats_grad
+                controller.update(max(stats["kl/k1"], 0.0), n_steps=2 * b_all)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -316,6 +339,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             bar.update(step, final)
             stop = evaluator is not None and evaluator.should_stop
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stop:
+                check_same(dist, "beta controller", controller.state_dict())
                 run.save(
                     step,
                     models={"policy": model_state_for_checkpoint(model)},

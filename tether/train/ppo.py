@@ -30,9 +30,10 @@ from tether.core.advantages import gae, whiten_advantages
 from tether.core.controllers import PPOPenaltyKL
 from tether.core.kl import k3
 from tether.core.losses import ppo_clip_loss, ppo_penalty_loss, value_loss
-from tether.core.masked import Aggregation, aggregate, masked_mean
+from tether.core.masked import Aggregation, aggregate, masked_mean, masked_sum
 from tether.models.numerics import fp32_policy_logprobs
 from tether.runs.config import option
+from tether.train.distributed import Dist, MetricSums
 from tether.train.rl import (
     Experience,
     RLConfig,
@@ -43,6 +44,7 @@ from tether.train.rl import (
     shaped_token_rewards,
     tis_weights,
     train_loop,
+    update_metrics,
 )
 
 
@@ -107,21 +109,23 @@ class PPOPenaltyConfig(PPOConfig):
 
 
 def advantages_and_returns(
-    exp: Experience, beta: float, cfg: PPOConfig
+    exp: Experience, beta: float, cfg: PPOConfig, dist: Dist | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, R) GAE advantages (whitened if configured) and λ-returns of a rollout."""
+    """(N, R) GAE advantages (whitened if configured, over the response tokens of every process
+    with ``dist``) and λ-returns of a rollout."""
     if exp.values is None:
         raise ValueError("PPO needs critic values in the experience")
     rewards = shaped_token_rewards(exp, beta, cfg.kl_in)
     adv, ret = gae(rewards, exp.values, exp.response_mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        adv = whiten_advantages(adv, exp.response_mask)
+        adv = whiten_advantages(adv, exp.response_mask, reduce=None if dist is None else dist.sum)
     return adv, ret
 
 
 @torch.no_grad()
 def kl_old_new(sess: RLSession, exp: Experience, cfg: PPOConfig) -> float:
-    """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ, in the KL's numerics:
+    """Mean per-token KL(π_old‖π_θ) (k3) over the rollout at the current θ (over every process's
+    rollout: a collective), in the KL's numerics:
     against ``exp.kl_logprobs`` with an fp32 forward of the bare model when the rollout measured
     π_old in a separate fp32 forward (the prepared module's forward would re-enter autocast),
     else against the behaviour log-probs in the training numerics."""
@@ -143,7 +147,11 @@ def kl_old_new(sess: RLSession, exp: Experience, cfg: PPOConfig) -> float:
             module.train(was)
         old = exp.old_logprobs
     # KL(π_old‖π_θ) on tokens drawn from π_old: k3 with π_old as the sampling side
-    return float(masked_mean(k3(old, logp.float()), exp.response_mask))
+    total, count = sess.dist.sum_floats(
+        float(masked_sum(k3(old, logp.float()), exp.response_mask)),
+        float(exp.response_mask.sum()),
+    )
+    return total / count if count > 0 else 0.0
 
 
 def train(cfg: PPOConfig) -> dict[str, float]:
@@ -155,7 +163,7 @@ def train(cfg: PPOConfig) -> dict[str, float]:
     )
 
     def update(sess: RLSession, exp: Experience, beta: float, step: int) -> dict[str, float]:
-        adv, ret = advantages_and_returns(exp, beta, cfg)
+        adv, ret = advantages_and_returns(exp, beta, cfg, sess.dist)
         return ppo_update(sess, exp, adv, ret, beta, cfg, step, penalty_ctl)
 
     def after_update(sess: RLSession, exp: Experience, metrics: dict[str, float]) -> None:
@@ -196,15 +204,17 @@ def ppo_update(
     mb = n // cfg.num_mini_batches
     micro = mb // cfg.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    logs: dict[str, list[float]] = {}
+    dist = sess.dist
+    sums, local = MetricSums(), {"grad_norm": []}
+    steps = 0
     stopped_epoch = cfg.ppo_epochs
     module.train()
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=gen).to(exp.input_ids.device)
-        epoch_kl = []
+        epoch_kl = MetricSums()
         for m in range(cfg.num_mini_batches):
             rows = perm[m * mb : (m + 1) * mb]
-            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows])
+            denom = aggregation_denominator(cfg.loss_aggregation, exp.response_mask[rows], dist)
             for c in range(cfg.gradient_accumulation_steps):
                 idx = rows[c * micro : (c + 1) * micro]
                 mask = exp.response_mask[idx]
@@ -263,34 +273,34 @@ def ppo_update(
                         loss = loss - cfg.entropy_coef * aggregate(
                             ent.float(), mask, cfg.loss_aggregation, denom
                         )
-                acc.backward(loss)
+                acc.backward(loss * dist.grad_scale)
+                tokens = mask.sum()
+                sums.total("loss/policy", pg.loss.detach())
+                sums.total("loss/value", vloss.detach())
                 for k, v in (
-                    ("loss/policy", pg.loss),
-                    ("loss/value", vloss),
                     ("clip_fraction", pg.clip_fraction),
                     ("value_clip_fraction", vclip),
                     ("kl_old_new", pg.kl_old_new),
                     ("ratio", pg.ratio_mean),
                 ):
-                    logs.setdefault(k, []).append(float(v.detach()))
+                    sums.mean(k, v.detach(), tokens)
                 if w is not None:
-                    logs.setdefault("tis/weight", []).append(float(masked_mean(w, mask)))
-                epoch_kl.append(float(pg.kl_old_new))
+                    sums.mean("tis/weight", masked_mean(w, mask), tokens)
+                epoch_kl.mean("kl", pg.kl_old_new.detach(), tokens)
             grad_norm = None
             if cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            steps += 1
             if grad_norm is not None:
-                logs.setdefault("grad_norm", []).append(grad_norm)
-        if (
-            cfg.target_kl is not None
-            and penalty_ctl is None
-            and sum(epoch_kl) / len(epoch_kl) > 1.5 * cfg.target_kl
-        ):
-            stopped_epoch = epoch + 1
-            break
-    out = {k: sum(v) / len(v) for k, v in logs.items()}
+                local["grad_norm"].append(grad_norm)
+        # the early-stop decision is the global batch's, so every process stops together
+        if cfg.target_kl is not None and penalty_ctl is None:
+            if epoch_kl.reduce(dist).get("kl", 0.0) > 1.5 * cfg.target_kl:
+                stopped_epoch = epoch + 1
+                break
+    out = update_metrics(sums, dist, steps, ("loss/policy", "loss/value"), local)
     out["epochs"] = float(stopped_epoch)
     return out

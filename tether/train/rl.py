@@ -25,6 +25,7 @@ response is predicted by column P − 1 + j of the log-prob layout of :func:`for
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from tether.core.losses import truncated_importance_weights
 from tether.core.masked import masked_mean, masked_sum
 from tether.data import PromptExample, load_prompt_dataset
 from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
+from tether.models.generation import sample_seeds
 from tether.models.logprobs import unwrap_model
 from tether.models.numerics import (
     check_fp32_weights,
@@ -74,6 +76,7 @@ from tether.train.common import (
     save_policy_to,
     split_heldout_prompts,
 )
+from tether.train.distributed import Dist, MetricSums, check_same
 
 KLPlacement = Literal["reward", "loss", "none"]
 
@@ -266,6 +269,9 @@ class Experience:
     """(N, R) the sampler's own log-probs of the drawn tokens (the rollout copy or the KV-cache
     decode, after temperature/top-k/top-p); for the sampler/trainer mismatch and TIS."""
     stats: dict[str, float] = field(default_factory=dict)
+    """This process's rollout statistics (:attr:`sums` reduced over this process alone)."""
+    sums: MetricSums = field(default_factory=MetricSums)
+    """The same statistics as (numerator, denominator) pairs, for the reduction over processes."""
 
     @property
     def size(self) -> int:
@@ -304,6 +310,8 @@ def collect(
     value_module: PolicyWithValue | None = None,
     behaviour_logprobs: bool = True,
     sampler_weights: RolloutWeights | None = None,
+    seeds: list[int] | None = None,
+    synced_processes: bool = False,
 ) -> Experience:
     """Sample G completions per prompt, score them, and measure the KL to the reference.
 
@@ -316,9 +324,12 @@ def collect(
     None): for a single on-policy update whose first training forward, at θ_old, supplies them
     (the caller then fills them and calls :func:`kl_stats`). With ``sampler_weights``, its
     half-precision copy of the weights is refreshed and draws the tokens; the behaviour
-    log-probs still come from ``model``.
+    log-probs still come from ``model``. With ``seeds`` (one per sequence, :func:`sample_seeds`)
+    each sequence is sampled from its own generator, independently of the batch and the process.
     """
     prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} sampling seeds for {len(prompt_ids)} sequences")
     prompts = [e.prompt for e in examples for _ in range(cfg.num_generations)]
     t0 = time.perf_counter()
     sampler = None
@@ -334,6 +345,8 @@ def collect(
             compute_logprobs=behaviour_logprobs,
             compute_sampler_logprobs=True,
             sampler=sampler,
+            row_seeds=seeds,
+            synced_processes=synced_processes,
         )
     gen_s = time.perf_counter() - t0
     resp = rollout.response_mask
@@ -369,7 +382,7 @@ def collect(
     kl_s = time.perf_counter() - t2
     with autocast():
         values = None
-        if value_module is not None and value_module.value_head is not None:
+        if value_module is not None:  # (a DDP wrapper has no .value_head: not asked here)
             was = value_module.training
             value_module.eval()
             try:
@@ -379,7 +392,6 @@ def collect(
             finally:
                 value_module.train(was)
     ref = torch.where(resp, ref.float().to(device), 0.0)
-    n_valid = max(int(valid.sum()), 1)
     exp = Experience(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
@@ -399,23 +411,42 @@ def collect(
         if rollout.sampler_logprobs is None
         else torch.where(resp, rollout.sampler_logprobs.to(device), 0.0),
     )
-    exp.stats = {
-        "score": float(scores[valid.cpu()].sum()) / n_valid,
-        "score_std": float(scores[valid.cpu()].std()) if int(valid.sum()) > 1 else 0.0,
-        "response_length": float(resp.sum()) / n_valid,
-        "finished_fraction": float(rollout.finished.float().mean()),
-        "num_skipped": float(rewards.num_skipped),
-        "gen_s": gen_s,
-        "reward_s": reward_s,
-        "kl_s": kl_s,
-    }
+    sums = exp.sums
+    n_ok = float(valid.sum())
+    ok_scores = scores[valid.cpu()].double()
+    sums.ratio("score", ok_scores.sum(), n_ok)
+    sums.ratio("_score_sq", ok_scores.square().sum(), n_ok)
+    sums.total("_n_valid", n_ok)
+    sums.ratio("response_length", resp.sum(), n_ok)
+    sums.ratio("finished_fraction", rollout.finished.sum(), float(rollout.finished.numel()))
+    sums.total("num_skipped", float(rewards.num_skipped))
+    sums.total("_tokens", float(rollout.attention_mask.sum()))
+    for name, seconds in (("gen_s", gen_s), ("reward_s", reward_s), ("kl_s", kl_s)):
+        sums.mean(name, seconds)
     if rollout.logprobs is not None:
         exp.old_logprobs = torch.where(resp, rollout.logprobs.float(), 0.0)
-        exp.stats.update(kl_stats(exp, cfg.kl_estimator))
+        kl_sums(exp, cfg.kl_estimator, sums)
+    exp.stats = finish_stats(sums.reduce(Dist()))
     return exp
 
 
+def finish_stats(reduced: dict[str, float]) -> dict[str, float]:
+    """Reduced rollout sums → the logged statistics: ``score_std`` (unbiased, over the valid
+    samples of every process) from the hidden second moment; hidden entries (``_…``) dropped."""
+    out = {k: v for k, v in reduced.items() if not k.startswith("_")}
+    if "_score_sq" in reduced:
+        n = reduced.get("_n_valid", 0.0)
+        var = reduced["_score_sq"] - reduced["score"] ** 2
+        out["score_std"] = math.sqrt(max(var, 0.0) * n / (n - 1)) if n > 1 else 0.0
+    return out
+
+
 def kl_stats(exp: Experience, estimator: Estimator) -> dict[str, float]:
+    """:func:`kl_sums` reduced over this process: fills ``exp.kl``, returns the KL statistics."""
+    return kl_sums(exp, estimator).reduce(Dist())
+
+
+def kl_sums(exp: Experience, estimator: Estimator, sums: MetricSums | None = None) -> MetricSums:
     """Fill ``exp.kl`` (per-token KL(π_old‖π_ref), the named estimator, in the KL's numerics)
     and return the per-response means of it, of k1 and of k3; with the sampler's log-probs also
     ``kl/sampler_trainer``: Σ_t k3 between the sampler's and the training forward's log-probs
@@ -426,16 +457,16 @@ def kl_stats(exp: Experience, estimator: Estimator) -> dict[str, float]:
         raise ValueError("the behaviour log-probs are not known yet")
     resp, ref = exp.response_mask, exp.ref_logprobs
     exp.kl = torch.where(resp, estimate(pol, ref, estimator), 0.0)
-    n_valid = max(int(exp.valid.sum()), 1)
-    stats = {
-        f"kl/{estimator}": float(masked_sum(exp.kl, resp, dim=-1).sum()) / n_valid,
-        "kl/k1": float(masked_sum(k1(pol, ref), resp, dim=-1).sum()) / n_valid,
-        "kl/k3": float(masked_sum(k3(pol, ref), resp, dim=-1).sum()) / n_valid,
-    }
+    n_valid = float(exp.valid.sum())
+    sums = MetricSums() if sums is None else sums
+    sums.ratio(f"kl/{estimator}", masked_sum(exp.kl, resp, dim=-1).sum(), n_valid)
+    for name, fn in (("kl/k1", k1), ("kl/k3", k3)):
+        if name != f"kl/{estimator}":
+            sums.ratio(name, masked_sum(fn(pol, ref), resp, dim=-1).sum(), n_valid)
     if exp.sampler_logprobs is not None:
         mismatch = k3(exp.sampler_logprobs, exp.old_logprobs)  # x ∼ sampler
-        stats["kl/sampler_trainer"] = float(masked_sum(mismatch, resp, dim=-1).sum()) / n_valid
-    return stats
+        sums.ratio("kl/sampler_trainer", masked_sum(mismatch, resp, dim=-1).sum(), n_valid)
+    return sums
 
 
 def tis_weights(exp: Experience, idx: Tensor, cap: float | None) -> Tensor | None:
@@ -455,9 +486,17 @@ def noise_floor(exp: Experience, rows: Tensor, exact: Tensor) -> float:
     pol = exp.policy_kl_logprobs
     if pol is None or rows.numel() == 0:
         return float("nan")
+    return float(noise_floor_terms(exp, rows, exact).mean())
+
+
+def noise_floor_terms(exp: Experience, rows: Tensor, exact: Tensor) -> Tensor:
+    """(n,) Σ_t k3 − Σ_t KL_exact for each of ``rows`` (see :func:`noise_floor`)."""
+    pol = exp.policy_kl_logprobs
+    if pol is None:
+        raise ValueError("the behaviour log-probs are not known yet")
     resp = exp.response_mask[rows]
     sampled = masked_sum(k3(pol[rows], exp.ref_logprobs[rows]), resp, dim=-1)  # (n,)
-    return float((sampled - exact.to(sampled.device)).mean())
+    return sampled - exact.to(sampled.device)
 
 
 @dataclass
@@ -470,6 +509,8 @@ class ExactKL:
     """(n,) Σ_t KL(π_θ(·|prefix) ‖ π_ref(·|prefix)) over each response, exact."""
     entropy: float
     """Mean per-token entropy of π_θ on those responses (nan if none)."""
+    tokens: float = 0.0
+    """The number of response tokens the entropy is averaged over."""
 
     @property
     def mean(self) -> float:
@@ -507,7 +548,7 @@ def exact_kl(
     per_pos = exact_from_logits(pol.logits, ref.logits.to(pol.logits.device), mask)
     logp = torch.log_softmax(pol.logits.float(), -1)  # (n, T−1, V): a handful of rows
     entropy = -(logp.exp() * logp).sum(-1)
-    return ExactKL(rows, per_pos.sum(-1), float(masked_mean(entropy, mask)))
+    return ExactKL(rows, per_pos.sum(-1), float(masked_mean(entropy, mask)), float(mask.sum()))
 
 
 def shaped_token_rewards(exp: Experience, beta: float, kl_in: KLPlacement) -> Tensor:
@@ -560,14 +601,34 @@ def make_reward_fn(cfg: RLConfig) -> RewardFn:
     return make_reward(cfg.reward)
 
 
-def aggregation_denominator(mode: str, mask: Tensor) -> float:
+def aggregation_denominator(mode: str, mask: Tensor, dist: Dist | None = None) -> float:
     """The count :func:`tether.core.masked.aggregate` divides by for a whole mini-batch, so that
-    its micro-batches' losses add up to the mini-batch loss."""
+    its micro-batches' losses add up to the mini-batch loss; with ``dist``, the count over every
+    process's share of the mini-batch (multiply the loss by ``dist.grad_scale`` before backward:
+    gradients are averaged over processes)."""
     if mode == "token_mean":
-        return max(float(mask.sum()), 1.0)
-    if mode == "seq_mean":
-        return max(float(mask.any(-1).sum()), 1.0)
-    return float(mask.shape[0])
+        count = float(mask.sum())
+    elif mode == "seq_mean":
+        count = float(mask.any(-1).sum())
+    else:
+        count = float(mask.shape[0])
+    if dist is not None:
+        count = dist.sum_floats(count)[0]
+    return count if mode == "seq_sum" else max(count, 1.0)
+
+
+def update_metrics(
+    sums: MetricSums, dist: Dist, steps: int, losses: tuple[str, ...], local: dict[str, list[float]]
+) -> dict[str, float]:
+    """An update's logged metrics: ``losses`` (recorded as totals of micro-batch partial losses)
+    per optimizer step, the other sums reduced over processes, and ``local`` lists of values that
+    are the same on every process (e.g. the gradient norm after the all-reduce) averaged."""
+    out = sums.reduce(dist)
+    for name in losses:
+        if name in out:
+            out[name] /= max(steps, 1)
+    out.update({k: sum(v) / len(v) for k, v in local.items() if v})
+    return out
 
 
 @dataclass
@@ -583,6 +644,9 @@ class RLSession:
     optimizer: Any
     scheduler: Any
     reference: ReferencePolicy
+    dist: Dist = field(default_factory=Dist)
+    """The process group: reductions of the update's batch statistics (see
+    :mod:`tether.train.distributed`)."""
 
 
 UpdateFn = Callable[[RLSession, Experience, float, int], dict[str, float]]
@@ -603,8 +667,14 @@ def train_loop(
 
     Per iteration: a rollout (:func:`collect`, with critic values if ``value_head``), the exact
     KL on a subsample, ``update(session, experience, β, step)`` (advantages and the parameter
-    update; returns metrics), ``after_update`` (e.g. PPO-penalty's β_old rule), then the
-    reference-KL controller sees the rollout's measured KL. Metrics, checkpoints (policy, value
+    update; returns metrics already reduced over processes), ``after_update`` (e.g. PPO-penalty's
+    β_old rule), then the reference-KL controller sees the rollout's measured KL.
+
+    Several processes: each samples its ``batch_size`` prompts of the global batch, every sequence
+    from its own seed (:func:`tether.models.generation.sample_seeds`, so the global rollout is the
+    one a single process would draw); rollout statistics and the KL are reduced over processes
+    before the controller sees them (with the global number of samples), so β is the same on
+    every process (checked at every checkpoint). Metrics, checkpoints (policy, value
     head, optimizer, scheduler, data cursor, reference, controllers and ``states``: objects with
     ``state_dict``/``load_state_dict``) and the final model are written as in every trainer.
 
@@ -664,12 +734,11 @@ def train_loop(
         for name, obj in stateful.items():
             if name in restored:  # (a run resumed with held-out evaluation newly turned on)
                 obj.load_state_dict(restored[name])
-    session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference)
+    dist = Dist(acc)
+    session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference, dist)
+    sharded = str(acc.distributed_type) in SHARDED
     sampler_weights = rollout_weights(
-        model,
-        cfg.rollout_dtype,
-        resolve_mixed_precision(cfg.mixed_precision),
-        sharded=str(acc.distributed_type) in SHARDED,
+        model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision), sharded=sharded
     )
 
     final: dict[str, float] = {}
@@ -687,6 +756,7 @@ def train_loop(
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             examples = [data[i] for i in cursor.next_indices()]
+            n_local = cfg.rollout_size
             exp = collect(
                 model,
                 tok,
@@ -698,10 +768,11 @@ def train_loop(
                 module if head is not None else None,
                 behaviour_logprobs=behaviour_logprobs,
                 sampler_weights=sampler_weights,
+                seeds=sample_seeds(cfg.seed, step, dist.rank * n_local, n_local),
+                synced_processes=sharded,
             )
             beta = controller.beta
-            metrics = dict(exp.stats)
-            metrics["beta"] = beta
+            sums = exp.sums
             exact = None
             if cfg.exact_kl_samples:
                 exact = exact_kl(
@@ -712,19 +783,27 @@ def train_loop(
                     cfg.temperature,
                     exact_numerics,
                 )
-                metrics["kl/exact"], metrics["entropy"] = exact.mean, exact.entropy
+                sums.ratio("kl/exact", exact.per_response.sum(), float(exact.rows.numel()))
+                if exact.tokens:
+                    sums.ratio("entropy", exact.entropy * exact.tokens, exact.tokens)
+            metrics = {"beta": beta}
             metrics.update(update(session, exp, beta, step))
             if exp.kl is None:  # the update supplied the behaviour log-probs
-                metrics.update(kl_stats(exp, cfg.kl_estimator))
-            if exact is not None:
-                metrics["kl/k3_minus_exact"] = noise_floor(exp, exact.rows, exact.per_response)
+                kl_sums(exp, cfg.kl_estimator, sums)
+            if exact is not None and exact.rows.numel():
+                floor = noise_floor_terms(exp, exact.rows, exact.per_response)
+                sums.ratio("kl/k3_minus_exact", floor.sum(), float(floor.numel()))
+            reduced = sums.reduce(dist)  # every process: the global rollout's statistics
+            metrics.update(finish_stats(reduced))
             if after_update is not None:
                 after_update(session, exp, metrics)
-            controller.update(max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=exp.size)
+            controller.update(
+                max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=n_local * dist.world
+            )
             step += 1
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["s_per_step"] = time.perf_counter() - t0
-            metrics["tokens_per_s"] = float(exp.attention_mask.sum()) / metrics["s_per_step"]
+            metrics["tokens_per_s"] = reduced["_tokens"] / metrics["s_per_step"]
             evaluated = evaluator is not None and (evaluator.due(step) or step == cfg.max_steps)
             if evaluated:
                 metrics.update(evaluator.evaluate(model, reference, step, acc.autocast))
@@ -735,6 +814,9 @@ def train_loop(
             bar.update(step, metrics)
             stop = evaluator is not None and evaluator.should_stop
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stop:
+                for name, obj in stateful.items():
+                    if isinstance(obj, KLController) or name.endswith("controller"):
+                        check_same(dist, name, obj.state_dict())
                 saved: dict[str, Any] = {"policy": model_state_for_checkpoint(model)}
                 if head is not None:
                     saved["value_head"] = head

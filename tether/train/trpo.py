@@ -19,7 +19,12 @@ distributions — exact over the vocabulary here, not a sampled estimate. Per it
 Only trainable parameters span the natural-gradient space, so with LoRA the step is over the
 adapters. Second-order autograd needs a differentiable attention backward, so the policy step runs
 with PyTorch's math SDPA kernel, in eval mode (no dropout, no activation checkpointing), in fp32.
-One process: the Fisher-vector products are not sharded across processes.
+
+Several processes: every process holds its share of the rollout; the surrogate, its gradient,
+every Fisher-vector product, the line search's surrogate and KL and the value head's gradient are
+sums over processes of per-process terms normalised by the *global* token count, so conjugate
+gradient and the line search run on identical numbers everywhere and every process takes the same
+step (as one process would on the whole rollout).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tether.core.advantages import gae, group_relative, leave_one_out, whiten_advantages
-from tether.core.masked import masked_mean
+from tether.core.masked import masked_mean, masked_sum
 from tether.core.trust_region import (
     conjugate_gradient,
     fisher_vector_product,
@@ -42,6 +47,7 @@ from tether.core.trust_region import (
 )
 from tether.models import forward_logprobs
 from tether.runs.config import option
+from tether.train.distributed import Dist
 from tether.train.rl import (
     Experience,
     RLConfig,
@@ -95,8 +101,11 @@ class TRPOConfig(RLConfig):
         return "trpo"
 
 
-def trpo_advantages(exp: Experience, beta: float, cfg: TRPOConfig) -> tuple[Tensor, Tensor | None]:
-    """(N, R) advantages and (N, R) λ-returns (None without a critic)."""
+def trpo_advantages(
+    exp: Experience, beta: float, cfg: TRPOConfig, dist: Dist | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(N, R) advantages and (N, R) λ-returns (None without a critic); whitened over every
+    process's response tokens with ``dist``."""
     if cfg.advantage == "gae":
         rewards = shaped_token_rewards(exp, beta, cfg.kl_in)
         adv, ret = gae(rewards, exp.values, exp.response_mask, cfg.gamma, cfg.lam)
@@ -106,7 +115,7 @@ def trpo_advantages(exp: Experience, beta: float, cfg: TRPOConfig) -> tuple[Tens
         per_seq = leave_one_out(seq, g) if cfg.advantage == "rloo" else group_relative(seq, g)
         adv, ret = torch.where(exp.response_mask, per_seq[:, None], 0.0), None
     if cfg.whiten_advantages:
-        adv = whiten_advantages(adv, exp.response_mask)
+        adv = whiten_advantages(adv, exp.response_mask, reduce=None if dist is None else dist.sum)
     return adv, ret
 
 
@@ -124,11 +133,16 @@ def _policy_outputs(model: Any, exp: Experience, temperature: float) -> tuple[Te
     return out.logprobs[:, p - 1 :], out.logits[:, p - 1 :].float()
 
 
-def _mean_kl(old_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over masked tokens of KL(softmax(old)‖softmax(new)), exact, twice differentiable."""
+def _mean_kl(
+    old_logits: Tensor, logits: Tensor, mask: Tensor, count: float | None = None
+) -> Tensor:
+    """Mean over masked tokens of KL(softmax(old)‖softmax(new)), exact, twice differentiable;
+    with ``count``, the masked sum over ``count`` (a global token count: this process's share)."""
     old_lp = torch.log_softmax(old_logits, -1)
     new_lp = torch.log_softmax(logits, -1)
     per_token = (old_lp.exp() * (old_lp - new_lp)).sum(-1)  # (N, R)
+    if count is not None:
+        return masked_sum(per_token, mask) / max(count, 1.0)
     return masked_mean(per_token, mask)
 
 
@@ -137,8 +151,15 @@ def trpo_policy_step(
 ) -> dict[str, float]:
     """One natural-gradient step with the KL-constrained line search; returns its diagnostics."""
     model = sess.model
+    dist = sess.dist
     params = [p for p in model.parameters() if p.requires_grad]
     mask = exp.response_mask
+    n_tokens = dist.sum_floats(float(mask.sum()))[0]  # the global token count
+
+    def share(per_token: Tensor) -> Tensor:
+        """This process's share of the global token mean."""
+        return masked_sum(per_token, mask) / max(n_tokens, 1.0)
+
     weights = tis_weights(exp, torch.arange(exp.size, device=mask.device), cfg.tis_cap)
     if weights is not None:
         adv = adv * weights
@@ -159,20 +180,27 @@ def trpo_policy_step(
             # rounding noise into the ratio.
             old_logp = logp.detach().float()
             old_logits = logits.detach()
-            surrogate = masked_mean((logp.float() - old_logp).exp() * adv, mask)
-            g = flat_grad(surrogate, params, retain_graph=True)
-            fvp = fisher_vector_product(_mean_kl(old_logits, logits, mask), params, cfg.cg_damping)
+            surrogate = share((logp.float() - old_logp).exp() * adv)
+            g = dist.sum(flat_grad(surrogate, params, retain_graph=True))
+            fvp = fisher_vector_product(
+                _mean_kl(old_logits, logits, mask, n_tokens),
+                params,
+                cfg.cg_damping,
+                reduce=dist.sum if dist.world > 1 else None,
+            )
             direction = conjugate_gradient(fvp, g, cfg.cg_iters)
             step_len = max_step_length(direction, fvp(direction), cfg.max_kl)
             full_step = (step_len * direction).detach()
             expected = float(g.dot(full_step))
-            surrogate_old = float(surrogate.detach())
+            surrogate_old = dist.sum_floats(float(surrogate.detach()))[0]
             del fvp, logits, logp, surrogate
 
             def evaluate() -> tuple[float, float]:
                 lp, lg = _policy_outputs(model, exp, cfg.temperature)
-                sur = masked_mean((lp.float() - old_logp).exp() * adv, mask)
-                return float(sur), float(_mean_kl(old_logits, lg, mask))
+                sur = share((lp.float() - old_logp).exp() * adv)
+                kl = _mean_kl(old_logits, lg, mask, n_tokens)
+                total_sur, total_kl = dist.sum_floats(float(sur), float(kl))
+                return total_sur, total_kl
 
             with torch.no_grad():
                 res = line_search(
@@ -222,25 +250,30 @@ def fit_value_head(sess: RLSession, exp: Experience, ret: Tensor, cfg: TRPOConfi
     finally:
         model.train(was)
     mask = exp.response_mask
+    dist = sess.dist
+    n_tokens = max(dist.sum_floats(float(mask.sum()))[0], 1.0)
     loss = torch.zeros(())
     for _ in range(cfg.vf_iters):
         values = head(hidden)  # (N, R)
-        loss = 0.5 * masked_mean((values - ret).square(), mask)
+        # this process's share of the global token mean; the gradients are summed over processes
+        loss = 0.5 * masked_sum((values - ret).square(), mask) / n_tokens
         sess.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if dist.world > 1:
+            for p in head.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(dist.sum(p.grad))
         sess.optimizer.step()
     sess.scheduler.step()
     sess.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return dist.sum_floats(float(loss.detach()))[0]
 
 
 def train(cfg: TRPOConfig) -> dict[str, float]:
     """Run TRPO as configured; returns the final metrics."""
 
     def update(sess: RLSession, exp: Experience, beta: float, step: int) -> dict[str, float]:
-        if sess.accelerator.num_processes > 1:
-            raise ValueError("tether's TRPO runs in one process (Fisher products are not sharded)")
-        adv, ret = trpo_advantages(exp, beta, cfg)
+        adv, ret = trpo_advantages(exp, beta, cfg, sess.dist)
         stats = trpo_policy_step(sess, exp, adv, cfg)
         if ret is not None:
             stats["loss/value"] = fit_value_head(sess, exp, ret, cfg)

@@ -1,0 +1,174 @@
+"""One process vs N processes with the same global batch: DPO and GRPO on SmolLM2-135M-Instruct.
+
+For each trainer, a run on 1 process with ``batch_size`` N·B and a run on N processes
+(``torchrun --nproc_per_node N``, gloo on CPU / NCCL on GPUs) with ``batch_size`` B per process.
+tether samples every sequence from its own seed and reduces every batch statistic over processes,
+so the two runs must log the same losses, rewards, KLs and β (to float summation order) and end
+with the same weights; this script prints both curves side by side, the largest differences and
+the seconds per step of each run.
+
+    python benchmarks/scaling.py                         # DPO and GRPO, 6 steps each, N = 2
+    python benchmarks/scaling.py --trainers grpo --steps 3 --out runs/scaling.json
+
+GRPO: the movie-review prompts, VADER reward, G = 4, 32 new tokens, the adaptive β controller
+(target 0.05 nats, horizon 64 samples, so β moves every step), lr 1e-5. DPO: synthetic
+movie-review pairs (benchmarks/dpo_vs_trl.py), sigmoid loss, β 0.1, lr 5e-6, max length 128,
+a precomputed reference. fp32 throughout (``mixed_precision=no``): bf16 autocast rounds a batch
+of 8 differently from two batches of 4, and a sampled token can flip. On a 2-core machine the
+N-process run has one core per process; the 1-process run gets both (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+KEYS = {
+    "dpo": ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3"],
+    "grpo": ["score", "kl/k3", "beta", "loss/policy", "grad_norm"],
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(trainer: str, batch: int, steps: int, out: Path, data: Path) -> list[str]:
+    common = [
+        f"output_dir={out}",
+        f"batch_size={batch}",
+        f"max_steps={steps}",
+        "logging_steps=1",
+        "save_steps=0",
+        "mixed_precision=no",
+        "seed=0",
+    ]
+    if trainer == "grpo":
+        return common + [
+            "prompts=data/movie_review_prompts.jsonl",
+            "reward=vader",
+            "num_generations=4",
+            "max_new_tokens=32",
+            "learning_rate=1e-5",
+            "lr_scheduler=constant",
+            "kl_controller=adaptive",
+            "kl_target=0.05",
+            "kl_horizon=64",
+            "eval_steps=0",
+        ]
+    return common + [
+        f"train_data={data}",
+        "max_length=128",
+        "max_prompt_length=64",
+        "beta=0.1",
+        "learning_rate=5e-6",
+        "lr_scheduler=constant",
+        "warmup_steps=0",
+        "reference=precomputed",
+        f"eval_steps={steps}",
+        "eval_generate=false",
+    ]
+
+
+def run(trainer: str, nproc: int, batch: int, steps: int, out: Path, data: Path, threads: int):
+    cmd = ["-m", "tether.cli", "train", trainer, "-c", f"recipes/{trainer}.yaml"]
+    cmd += _overrides(trainer, batch, steps, out, data)
+    if nproc == 1:
+        argv = [sys.executable, *cmd]
+    else:
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_port()}",
+            *cmd,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print(f"$ {' '.join(argv[1:])}  (OMP_NUM_THREADS={threads})", flush=True)
+    subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return [r for r in rows if "s_per_step" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trainers", default="dpo,grpo")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--dpo-batch", type=int, default=4, help="DPO pairs per process")
+    ap.add_argument("--grpo-batch", type=int, default=2, help="GRPO prompts per process")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1-process threads")
+    ap.add_argument("--out", default="runs/scaling.json")
+    a = ap.parse_args()
+    from dpo_vs_trl import write_synthetic_pairs
+
+    work = Path(tempfile.mkdtemp(prefix="tether-scaling-"))
+    data = work / "pairs.jsonl"
+    write_synthetic_pairs(data, 64, 128, seed=0)
+    results = {}
+    for trainer in a.trainers.split(","):
+        b = a.dpo_batch if trainer == "dpo" else a.grpo_batch
+        one = run(trainer, 1, a.nproc * b, a.steps, work / f"{trainer}-1", data, a.threads)
+        many = run(
+            trainer,
+            a.nproc,
+            b,
+            a.steps,
+            work / f"{trainer}-{a.nproc}",
+            data,
+            max(1, a.threads // a.nproc),
+        )
+        diffs = {
+            k: max(abs(x[k] - y[k]) for x, y in zip(one, many, strict=True) if k in x and k in y)
+            for k in KEYS[trainer]
+            if any(k in x for x in one)
+        }
+        from safetensors.torch import load_file
+
+        wa = load_file(str(work / f"{trainer}-1" / "final" / "model.safetensors"))
+        wb = load_file(str(work / f"{trainer}-{a.nproc}" / "final" / "model.safetensors"))
+        diffs["weights (max |Δ|)"] = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        results[trainer] = {
+            "global_batch": a.nproc * b,
+            "one": one,
+            "many": many,
+            "max_abs_diff": diffs,
+            "s_per_step_one": _median([r["s_per_step"] for r in one[1:]]),
+            "s_per_step_many": _median([r["s_per_step"] for r in many[1:]]),
+        }
+        print(f"\n{trainer}: global batch {a.nproc * b}, 1 vs {a.nproc} processes")
+        key = KEYS[trainer][0]
+        print(f"step  {key} (1 proc)  {key} ({a.nproc} proc)")
+        for x, y in zip(one, many, strict=True):
+            nan = float("nan")
+            print(f"{x['step']:>4}  {x.get(key, nan):>12.6f}  {y.get(key, nan):>12.6f}")
+        print("max |Δ|:", {k: f"{v:.2e}" for k, v in diffs.items()})
+        print(
+            f"s/step (median after the first): 1 proc {results[trainer]['s_per_step_one']:.2f}, "
+            f"{a.nproc} proc {results[trainer]['s_per_step_many']:.2f}"
+        )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {a.out}")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+if __name__ == "__main__":
+    main()
