@@ -73,3 +73,34 @@ def test_rl_recipe_runs_from_the_cli(algo, tiny_dir, tmp_path):
     evals = [r for r in read_metrics(out) if "eval/kl/exact" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert evals[0]["eval/kl/exact"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref at step 0
+
+
+ACCELERATE_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load_and_launch_several_processes(path):
+    """Each recipes/accelerate config is read by the installed accelerate (unknown keys are
+    errors, nested FSDP/DeepSpeed keys are launch options) and resolves to a multi-process
+    launcher, never the one-process simple launcher."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    dests = {a.dest for a in launch_command_parser()._actions}
+    cfg = load_config_from_file(str(path))
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in getattr(cfg, section) or {}:
+            name = key if section != "fsdp_config" or key.startswith("fsdp") else f"fsdp_{key}"
+            assert name in dests, f"{path.name}: {section}.{key} is not an accelerate option"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert not args.cpu and (args.multi_gpu or args.use_fsdp or args.use_deepspeed), path.name
+    assert args.num_processes >= 2, path.name
+
+
+def test_accelerate_configs_exist():
+    names = {p.name for p in ACCELERATE_CONFIGS}
+    assert {"ddp.yaml", "ddp-cpu.yaml", "fsdp.yaml", "fsdp2.yaml", "multi-node.yaml"} <= names
+    assert {"deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= names

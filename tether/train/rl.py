@@ -111,7 +111,9 @@ class RLConfig(SamplingTrainConfig):
         "copy", help="Reference: frozen copy, or the base model with LoRA disabled."
     )
     exact_kl_samples: int = option(
-        2, help="Responses per iteration on which the exact (full-vocabulary) KL is computed."
+        2,
+        help="Responses per iteration and process on which the exact (full-vocabulary) KL is "
+        "computed.",
     )
     tis_cap: float | None = option(
         None,
