@@ -127,16 +127,20 @@ def pair_batch(
         hi, lo = (a, b) if scores[a] > scores[b] else (b, a)
         chosen.append(hi)
         rejected.append(lo)
-    order = torch.tensor(chosen + rejected, dtype=torch.long)
-    p = rollout.prompt_length
+    batch = rollout_rows(rollout, chosen + rejected)
+    return batch, {"pairs": float(len(chosen)), "ties": float(ties)}
+
+
+def rollout_rows(rollout: Any, rows: list[int]) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of a rollout as a training batch (masks over the full sequence)."""
+    order = torch.tensor(rows, dtype=torch.long)
     full_resp = torch.zeros_like(rollout.attention_mask)
-    full_resp[:, p:] = rollout.response_mask
-    batch = {
+    full_resp[:, rollout.prompt_length :] = rollout.response_mask
+    return {
         "input_ids": rollout.input_ids[order],
         "attention_mask": rollout.attention_mask[order],
         "response_mask": full_resp[order],
     }
-    return batch, {"pairs": float(len(chosen)), "ties": float(ties)}
 
 
 def train(cfg: OnlineDPOConfig) -> dict[str, float]:
@@ -249,15 +253,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                 if b == 0:
                     # No pair here, but the gradient all-reduce needs every process: a
                     # zero-weighted forward/backward on one sampled sequence joins it.
-                    order = torch.tensor([0], dtype=torch.long)
-                    p = rollout.prompt_length
-                    full_resp = torch.zeros_like(rollout.attention_mask)
-                    full_resp[:, p:] = rollout.response_mask
-                    batch = {
-                        "input_ids": rollout.input_ids[order],
-                        "attention_mask": rollout.attention_mask[order],
-                        "response_mask": full_resp[order],
-                    }
+                    batch = rollout_rows(rollout, [0])
                 ids, am = batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device)
                 resp = batch["response_mask"][:, 1:].to(acc.device)
                 # Both sides of the KL in the KL's numerics; the loss's reference carried into the
