@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tether.data.errors import describe
+from tether.errors import TetherError
 
 ROLES = ("system", "user", "assistant", "tool")
 """The message roles tether accepts."""
@@ -28,7 +29,7 @@ Fail = Callable[[str, str], None]
 """``fail(field, message)``: records a problem with the current row."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(TetherError, ValueError):
     """The tokenizer's chat template failed on a conversation, or cannot be split as needed."""
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tether.errors import TetherError
+
 MAX_LISTED_PROBLEMS = 20
 """How many problems a ``DataError`` message lists before summarising the rest as a count."""
 
@@ -37,7 +39,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
 
-class DataError(ValueError):
+class DataError(TetherError, ValueError):
     """A data source failed validation. Lists the source and every problem (the first
     ``MAX_LISTED_PROBLEMS`` of them, then how many more) in its message.
 

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 import tether
+from tether.errors import TetherError
 from tether.runs.plot import metric_group
 from tether.runs.rundir import CONFIG_FILE, RESERVED_METRIC_KEYS, read_metrics
 
@@ -93,7 +94,7 @@ Series = dict[str, list[tuple[int, float]]]
 """Metric name → [(step, value)], sorted by step, nulls and non-finite values left out."""
 
 
-class ReportError(ValueError):
+class ReportError(TetherError, ValueError):
     """A run directory's files cannot be reported: says which file, where and what was expected."""
 
 

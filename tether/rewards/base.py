@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+from tether.errors import TetherError
+
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """``reward_fn(prompts, completions) -> rewards``, one real number per completion."""
 
@@ -27,7 +29,7 @@ SNIPPET_CHARS = 80
 """How much of a completion an error message quotes."""
 
 
-class RewardError(ValueError):
+class RewardError(TetherError, ValueError):
     """A reward function returned something other than one finite real number per completion."""
 
 

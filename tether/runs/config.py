@@ -37,13 +37,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from tether.errors import TetherError
+
 T = TypeVar("T")
 
 HELP_KEY = "help"
 """The ``dataclasses.field`` metadata key that holds a field's one-line help text."""
 
 
-class ConfigError(ValueError):
+class ConfigError(TetherError, ValueError):
     """A config file, override or config class is invalid; the message says what, where, and
     what was expected."""
 

@@ -21,6 +21,8 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from tether.errors import TetherError
+
 TrainerSpec = tuple[type, Callable[[Any], Any]]
 """(config dataclass, train function taking an instance of it)."""
 TrainerLoader = Callable[[], TrainerSpec]
@@ -29,7 +31,7 @@ TRAINERS: dict[str, TrainerLoader] = {}
 """Algorithm name → zero-argument loader returning ``(ConfigClass, train_fn)``."""
 
 
-class UnknownTrainerError(KeyError):
+class UnknownTrainerError(TetherError, KeyError):
     """``tether train`` was given an algorithm name that is not in :data:`TRAINERS`."""
 
     def __str__(self) -> str:  # KeyError would quote the message
