@@ -52,7 +52,7 @@ import numpy as np
 
 from tether.core.kl import best_of_n_kl
 from tether.models import SamplingConfig, generate
-from tether.rewards import RewardFn, reward_name, validate_rewards
+from tether.rewards import RewardFn, call_reward
 
 DEFAULT_CALIBRATION = 16
 """Calibration samples per prompt for the KL estimate; bias ≈ −(n − 1)/(2m), see the module."""
@@ -260,7 +260,8 @@ def best_of_n(
         prompt_ids: (P,) prompts as token-id lists (``PromptExample.prompt_ids``).
         reward_fn: ``(prompts, completions) -> rewards``, e.g. from
             :func:`tether.rewards.make_reward`; its output is checked with
-            :func:`tether.rewards.validate_rewards` (a non-finite reward is an error).
+            :func:`tether.rewards.call_reward` (a non-finite reward, or an exception in it, is a
+            :class:`~tether.rewards.RewardError` naming the sample).
         n: candidates per prompt (≥ 1).
         sampling: how to sample; π is this sampling distribution. Must sample (``do_sample``).
         calibration: further samples per prompt for the KL estimate (≥ 1); more shrinks its
@@ -294,9 +295,8 @@ def best_of_n(
     flat_ids = [list(p) for p in prompt_ids for _ in range(per_prompt)]  # (P·(n+m),)
     texts = sample_texts(model, tokenizer, flat_ids, sampling, seed, batch_size)
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
-    scores = validate_rewards(
-        reward_fn(flat_prompts, texts), len(texts), reward_name(reward_fn), completions=texts
-    )
+    flat_rows = [i for i in range(len(prompt_ids)) for _ in range(per_prompt)]
+    scores = call_reward(reward_fn, flat_prompts, texts, rows=flat_rows, stage="best-of-n")
     r = np.asarray(scores.values).reshape(len(prompt_ids), per_prompt)  # (P, n+m)
     candidates, calib = r[:, :n], r[:, n:]  # (P, n), (P, m)
     picks = candidates.argmax(axis=1)  # (P,) first maximum
@@ -304,7 +304,14 @@ def best_of_n(
     cand_texts = [texts[i * per_prompt + j] for i in range(len(prompt_ids)) for j in range(n)]
     cand_prompts = [p for p in prompts for _ in range(n)]
     for name, fn in (gold_rewards or {}).items():
-        g = validate_rewards(fn(cand_prompts, cand_texts), len(cand_texts), name)
+        g = call_reward(
+            fn,
+            cand_prompts,
+            cand_texts,
+            name,
+            rows=[i for i in range(len(prompt_ids)) for _ in range(n)],
+            stage="best-of-n (gold reward)",
+        )
         gold[name] = np.asarray(g.values).reshape(len(prompt_ids), n).tolist()
     return BoNResult(
         n=n,

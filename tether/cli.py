@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import tether
 
@@ -30,6 +33,18 @@ _REPORTED_PACKAGES = (
     "safetensors",
     "numpy",
 )
+
+
+def _check_file(option: str, value: str) -> None:
+    """A data file named on the command line exists and is a file (checked before any model
+    loads)."""
+    from tether.runs.config import ConfigError
+
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"{option}: {value!r} not found (relative to {Path.cwd()})")
+    if path.is_dir():
+        raise ConfigError(f"{option}: {value!r} is a directory; expected a data file")
 
 
 def _env(_: argparse.Namespace) -> int:
@@ -182,6 +197,7 @@ def _bon(args: argparse.Namespace) -> int:
             for name, spec in zip(reward_names(gold_specs), gold_specs, strict=True)
         }
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_file("--prompts", args.prompts)  # before the model loads
         policy = load_policy(args.model, device=device)
         data = load_prompt_dataset(
             args.prompts,
@@ -328,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="KL-regularised RL and preference optimisation for language models.",
     )
     parser.add_argument("--version", action="version", version=f"tether {tether.__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (same as {DEBUG_ENV}=1); may go anywhere",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     env = sub.add_parser("env", help="print library versions and devices (for bug reports)")
     env.set_defaults(func=_env)
@@ -469,9 +490,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "TETHER_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the traceback of an error the CLI would print in a line."""
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``--debug`` is among the arguments (anywhere) or TETHER_DEBUG is set; the
+    arguments without it."""
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    rest = [a for a in argv if a != "--debug"]
+    return debug or len(rest) != len(argv), rest
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """tether's own warnings as one ``tether: warning: ...`` line; others as Python shows them."""
+    from tether.errors import TetherWarning
+
+    stream = file if file is not None else sys.stderr
+    if issubclass(category, TetherWarning):
+        stream.write(f"tether: warning: {message}\n")
+    else:
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tether`` command line on ``argv`` (default ``sys.argv[1:]``); return the exit
-    status."""
+    status: 0 done, 2 a user error (printed as a few lines naming what, where and what was
+    expected; ``--debug`` or TETHER_DEBUG=1 shows the traceback), 130 interrupted."""
+    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     # argparse gives a trailing nargs="*" positional only the words before the first option, so
     # `train ALGO a=1 --config r.yaml b=2` leaves b=2 unparsed: collect such words as overrides.
@@ -485,7 +538,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    from tether.errors import TetherError, describe_os_error
+
+    name = f"tether {args.command}"
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return int(args.func(args))
+    except TetherError as exc:
+        if debug:
+            raise
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A disk-full or permission error that reached the CLI without being re-raised as a
+        # tether error where it happened: still one line, as the cause is outside the program.
+        if debug:
+            raise
+        print(f"{name}: error: {describe_os_error(exc, 'while accessing')}", file=sys.stderr)
+        print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -67,3 +67,9 @@ def describe_os_error(exc: OSError, action: str) -> str:
     }
     hint = hints.get(exc.errno or -1)
     return f"{action}{where}: {reason}" + (f" ({hint})" if hint else "")
+
+
+class TetherWarning(UserWarning):
+    """Something the user should know that does not stop the run (a checkpoint skipped as
+    unreadable, a resume with no checkpoint, a KL far above its target); the CLI prints it as
+    one ``tether: warning: ...`` line."""

@@ -25,14 +25,17 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tether.errors import CheckpointError, TetherWarning
 from tether.models.fingerprint import model_fingerprint
 from tether.models.logprobs import LogProbOutput, forward_logprobs, unwrap_model
 
@@ -233,9 +236,7 @@ class PrecomputedReference(ReferencePolicy):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"precomputed reference cache {self.path} does not exist")
-        self.table: dict[str, Tensor] = load_file(str(self.path))
-        meta_path = self.path.with_suffix(".json")
-        self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.table, self.meta = _read_cache(self.path)
 
     @classmethod
     def build(
@@ -250,7 +251,9 @@ class PrecomputedReference(ReferencePolicy):
 
         ``batches`` yield dicts with ``input_ids`` and ``attention_mask`` (B, T), e.g. from a
         DataLoader over the training data with the training collator. If the cache for this
-        (model, data) pair exists it is loaded without running the model.
+        (model, data) pair exists it is loaded without running the model; an entry that cannot
+        be used (a truncated or garbled ``.json`` or ``.safetensors``, a missing ``.json``, a
+        metadata that does not describe the table) is rebuilt with a warning naming the file.
         """
         fp = model_fingerprint(unwrap_model(model))
         device_type = _device(model).type
@@ -260,8 +263,21 @@ class PrecomputedReference(ReferencePolicy):
             else "exact"
         )  # computed under the caller's autocast, which is part of what the cache holds
         path = Path(cache_dir) / f"{fp}-{data_fingerprint}-t{temperature:g}-{precision}.safetensors"
+        expected = {
+            "model_fingerprint": fp,
+            "data_fingerprint": data_fingerprint,
+            "temperature": temperature,
+            "precision": precision,
+        }
         if path.is_file():
-            return cls(path)
+            try:
+                table, meta = _read_cache(path, expected)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; rebuilding it", TetherWarning, stacklevel=2)
+            else:
+                ref = cls.__new__(cls)
+                ref.path, ref.table, ref.meta = path, table, meta
+                return ref
         table: dict[str, Tensor] = {}
         n_tokens = 0
         for batch in batches:
@@ -341,6 +357,59 @@ class PrecomputedReference(ReferencePolicy):
                 f"precomputed reference {self.path} differs from the checkpoint's "
                 f"({state['meta']} != {self.meta})"
             )
+
+
+def _read_cache(
+    path: Path, expected: dict[str, Any] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The table and metadata of the precomputed-reference cache ``path`` (and its ``.json``),
+    checked: both files readable, the metadata a JSON object whose ``sequences`` / ``tokens``
+    counts describe the table and whose fields equal ``expected`` (when given; the metadata is
+    then required). Without ``expected`` a missing ``.json`` gives ``{}``.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    meta_path = path.with_suffix(".json")
+    hint = "delete it to rebuild it"
+    try:
+        table: dict[str, Tensor] = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"precomputed reference cache {path} is truncated or unreadable "
+            f"({type(e).__name__}: {e}); {hint}"
+        ) from e
+    if not meta_path.is_file():
+        if expected is not None:
+            raise CheckpointError(
+                f"precomputed reference cache {path} has no metadata file {meta_path.name}; {hint}"
+            )
+        return table, {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"precomputed reference metadata {meta_path} is truncated or unreadable "
+            f"({type(e).__name__}: {e}); {hint}"
+        ) from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"precomputed reference metadata {meta_path} holds a JSON {type(meta).__name__}, "
+            f"not an object; {hint}"
+        )
+    bad_rows = [k for k, v in table.items() if v.dim() != 1 or not v.dtype.is_floating_point]
+    n_tokens = sum(v.numel() for v in table.values())
+    found = {"sequences": len(table), "tokens": n_tokens, **(expected or {})}
+    wanted = {"sequences": meta.get("sequences"), "tokens": meta.get("tokens")}
+    wanted.update({k: meta.get(k) for k in expected or {}})
+    mismatch = [f"{k} {wanted[k]!r} != {found[k]!r}" for k in found if wanted[k] != found[k]]
+    if bad_rows or mismatch:
+        what = f"{len(bad_rows)} malformed entries" if bad_rows else ", ".join(mismatch)
+        raise CheckpointError(
+            f"precomputed reference metadata {meta_path} does not match its table {path.name} "
+            f"({what}); {hint}"
+        )
+    return table, meta
 
 
 def _device(model: nn.Module) -> torch.device:

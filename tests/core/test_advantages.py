@@ -107,3 +107,81 @@ def test_whitening_is_masked():
     torch.testing.assert_close(w[m].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     torch.testing.assert_close(w[m].std(), torch.tensor(1.0), atol=1e-4, rtol=0)
     assert w[0, 3] == 0
+
+
+# -- group baselines over the valid members (reward_on_invalid=skip) ------------------------------
+
+SKIP = float("nan")  # what a skipped sample's reward is (tether.rewards.base.ValidatedRewards)
+
+
+def _valid(scores):
+    return ~torch.isnan(scores)
+
+
+def test_group_relative_one_skipped_member_uses_the_three_valid():
+    # valid [1, 3, 5]: mean 3, deviations [−2, 0, 2], Bessel std √((4 + 0 + 4)/2) = 2
+    s = torch.tensor([1.0, 3.0, SKIP, 5.0], dtype=torch.float64)
+    adv = group_relative(s, 4, eps=0.0, valid=_valid(s))
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    # (filling the slot with the mean 3 and taking the std of all 4 gave √(3/2)× these:
+    # std √(8/3) instead of 2, advantages ±1.2247)
+    unscaled = group_relative(s, 4, scale=False, valid=_valid(s))
+    torch.testing.assert_close(unscaled, torch.tensor([-2.0, 0.0, 0.0, 2.0], dtype=torch.float64))
+
+
+def test_leave_one_out_one_skipped_member_uses_the_other_valid():
+    # baselines over the other valid two: (3 + 5)/2 = 4, (1 + 5)/2 = 3, (1 + 3)/2 = 2
+    s = torch.tensor([1.0, 3.0, SKIP, 5.0], dtype=torch.float64)
+    adv = leave_one_out(s, 4, valid=_valid(s))
+    torch.testing.assert_close(adv, torch.tensor([-3.0, 0.0, 0.0, 3.0], dtype=torch.float64))
+    # = n/(n − 1)·(r − mean_v) = 3/2·[−2, 0, 2] (filling with the mean gave 4/3·[−2, 0, 2])
+
+
+@pytest.mark.parametrize("fn", ["grpo", "grpo_unscaled", "rloo"])
+def test_groups_with_one_or_no_valid_member_get_zero(fn):
+    # group 0: one valid member; group 1: none; group 2: all valid (control)
+    s = torch.tensor([7.0, SKIP, SKIP, SKIP, SKIP, SKIP, 1.0, 2.0, 3.0], dtype=torch.float64)
+    valid = _valid(s)
+    if fn == "rloo":
+        adv = leave_one_out(s, 3, valid=valid)
+        last = torch.tensor([-1.5, 0.0, 1.5], dtype=torch.float64)
+    else:
+        adv = group_relative(s, 3, scale=fn == "grpo", eps=0.0, valid=valid)
+        last = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    assert bool(torch.isfinite(adv).all())
+    assert adv[:6].abs().max() == 0
+    torch.testing.assert_close(adv[6:], last)
+
+
+def test_all_valid_mask_is_bit_identical_to_no_mask():
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.randn(48, generator=g, dtype=dtype)
+        ones = torch.ones(48, dtype=torch.bool)
+        for size in (2, 3, 4, 8):
+            assert torch.equal(group_relative(s, size, valid=ones), group_relative(s, size))
+            assert torch.equal(
+                group_relative(s, size, scale=False, valid=ones), group_relative(s, size, False)
+            )
+            assert torch.equal(leave_one_out(s, size, valid=ones), leave_one_out(s, size))
+
+
+def test_all_valid_groups_are_unchanged_next_to_a_group_with_a_skip():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(12, generator=g)
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[5] = False  # group 1 of 3 (G = 4)
+    for adv, plain in (
+        (group_relative(s, 4, valid=valid), group_relative(s, 4)),
+        (leave_one_out(s, 4, valid=valid), leave_one_out(s, 4)),
+    ):
+        assert torch.equal(adv[:4], plain[:4]) and torch.equal(adv[8:], plain[8:])
+        assert adv[5] == 0 and not torch.equal(adv[4:8], plain[4:8])
+
+
+def test_valid_must_be_a_bool_mask_of_the_scores_shape():
+    s = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"valid must be a \(B,\) = \(4,\) BoolTensor"):
+        group_relative(s, 2, valid=torch.ones(4))
+    with pytest.raises(ValueError, match="valid must be"):
+        leave_one_out(s, 2, valid=torch.ones(3, dtype=torch.bool))

@@ -77,11 +77,11 @@ def test_aggregation_modes_hand_values():
     assert aggregate(X, M, "token_mean").item() == pytest.approx(7.2, abs=1e-12)
     assert aggregate(X, M, "seq_mean").item() == pytest.approx(8.5, abs=1e-12)
     assert aggregate(X, M, "seq_sum").item() == pytest.approx(18.0, abs=1e-12)
-    # A row with no counted token: left out of seq_mean, counts as 0 in seq_sum.
+    # A row with no counted token: left out of seq_mean and seq_sum alike (B' = 2, not 3).
     x3 = torch.cat([X, torch.full((1, 4), 99.0, dtype=X.dtype)])
     m3 = torch.cat([M, torch.zeros(1, 4, dtype=torch.bool)])
     assert aggregate(x3, m3, "seq_mean").item() == pytest.approx(8.5, abs=1e-12)
-    assert aggregate(x3, m3, "seq_sum").item() == pytest.approx(12.0, abs=1e-12)
+    assert aggregate(x3, m3, "seq_sum").item() == pytest.approx(18.0, abs=1e-12)
     assert aggregate(x3, m3, "token_mean").item() == pytest.approx(7.2, abs=1e-12)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 import tether.runs.checkpoint as ckpt_mod
 from tether.core import kl
 from tether.core.controllers import AdaptiveKL
+from tether.errors import CheckpointError
 from tether.runs import RunDir, read_metrics
 from tether.runs.checkpoint import (
     LATEST_FILE,
@@ -213,7 +214,7 @@ def test_crash_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
         for p in model.parameters():
             p.add_(1.0)
     monkeypatch.setattr(ckpt_mod, "save_file", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full; .*step-000002 is intact"):
         save_checkpoint(tmp_path, 4, models={"policy": model}, optimizer=optimizer)
     monkeypatch.undo()
 
@@ -281,25 +282,27 @@ def test_trainable_only_state(tmp_path):
         assert torch.equal(fresh.state_dict()[key], value)
 
     save_checkpoint(tmp_path, 2, models={"policy": {"lora_A.weight": torch.zeros(2)}})
-    with pytest.raises(RuntimeError, match=r"keys not in the module: \['lora_A\.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"keys not in the module: \['lora_A\.weight'\]"):
         load_checkpoint(tmp_path, models={"policy": fresh})
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path, models={})
     model = TiedMLP()
     save_checkpoint(tmp_path, 1, models={"policy": model})
-    with pytest.raises(KeyError, match=r"has no model\(s\) \['value'\]; it holds \['policy'\]"):
+    expected = r"has no model\(s\) \['value'\]; it holds \['policy'\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(tmp_path, models={"policy": model, "value": nn.Linear(1, 1)})
-    with pytest.raises(KeyError, match=r"also holds model\(s\) \['policy'\]"):
+    with pytest.raises(CheckpointError, match=r"also holds model\(s\) \['policy'\]"):
         load_checkpoint(tmp_path, models={})
-    with pytest.raises(KeyError, match="has no optimizer state"):
+    with pytest.raises(CheckpointError, match="has no optimizer state"):
         load_checkpoint(
             tmp_path, models={"policy": model}, optimizer=torch.optim.SGD(model.parameters())
         )
     one = tmp_path / "checkpoints" / "step-000001"
-    with pytest.raises(RuntimeError, match="cannot load model 'policy' from .*policy.safetensors"):
+    expected = "cannot load model 'policy' from .*policy.safetensors"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(one, models={"policy": nn.Linear(1, 1)})
     with pytest.raises(ValueError, match=r"model name 'a/b' must match"):
         save_checkpoint(tmp_path, 2, models={"a/b": model})

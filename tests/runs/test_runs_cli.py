@@ -66,7 +66,7 @@ def write_run(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_dispatch_with_yaml_and_overrides(tmp_path, dummy_trainer):
+def test_train_dispatch_with_yaml_and_overrides(tmp_path, dummy_trainer, capsys):
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {run}\nmax_steps: 6\nlogging_steps: 1\noptim:\n  lr: 1e-4\n")
@@ -78,14 +78,23 @@ def test_train_dispatch_with_yaml_and_overrides(tmp_path, dummy_trainer):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["kl/mean"] == pytest.approx(3.0)
 
-    # resume=true continues from the step-6 checkpoint: max_steps raised to 8 adds steps 7, 8
-    assert main(["train", "dummy", "-c", str(recipe), "resume=true", "max_steps=8"]) == 0
+    # resuming without the overrides the run was trained with is refused, naming each change
+    assert main(["train", "dummy", "-c", str(recipe), "resume=true", "max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "beta: 0.5 (saved) → 0.1 (now)" in err
+    assert "optim.lr: 2e-05 (saved) → 0.0001 (now)" in err and "Traceback" not in err
+    # resume=true with the same config continues from the step-6 checkpoint: steps 7, 8
+    same = ["beta=0.5", "loss=ipo", "optim.lr=2e-5"]
+    argv = ["train", "dummy", "-c", str(recipe), *same, "resume=true", "max_steps=8"]
+    assert main(argv) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["beta"]) for r in records] == [(s, 0.5) for s in range(1, 7)] + [
-        (7, 0.1),
-        (8, 0.1),
-    ]
+    assert [(r["step"], r["beta"]) for r in records] == [(s, 0.5) for s in range(1, 9)]
     assert load_config(DummyConfig, run / "config.yaml").max_steps == 8
+    # resume_override=true applies the new values from the resumed step
+    argv = ["train", "dummy", "-c", str(recipe), "resume=true", "resume_override=true"]
+    assert main([*argv, "max_steps=10"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["beta"] for r in records[-2:]] == [0.1, 0.1] and records[-1]["step"] == 10
 
 
 def test_train_print_and_help_config(tmp_path, dummy_trainer, capsys):

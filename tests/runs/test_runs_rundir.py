@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,9 @@ def test_resume_drops_metrics_after_checkpoint(tmp_path):
                 rd.save(step, models={"m": model})
     with (tmp_path / METRICS_FILE).open("a") as fh:
         fh.write('{"step": 8, "lo')  # a line cut short by the crash
+    # TensorBoard orders event files by name: second, host, pid, then a per-process counter
+    # compared as text ("10" < "9"). A resumed run starts in a later second; so does this one.
+    time.sleep(1.05)
 
     with RunDir(tmp_path, resume=True) as rd:
         with pytest.raises(RuntimeError, match="must call restore"):

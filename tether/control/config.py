@@ -63,14 +63,29 @@ class ControlConfig(RunConfig):
         for name in ("n_envs", "n_steps", "return_window", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.total_timesteps < 0 or self.eval_episodes < 0:
-            raise ValueError("total_timesteps and eval_episodes must be ≥ 0")
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0):
-            raise ValueError("gamma and gae_lambda must be in [0, 1]")
+        for name in ("total_timesteps", "eval_episodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a non-empty list of sizes ≥ 1, got {self.hidden}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.env:
+            raise ValueError("env must be a gymnasium environment id, got ''")
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            # A negative max_norm makes the clip coefficient negative: gradient ascent.
+            raise ValueError(
+                f"max_grad_norm must be a finite number > 0 or null (off), got {self.max_grad_norm}"
+            )
+        if not math.isfinite(self.log_std_init):
+            raise ValueError(f"log_std_init must be a finite number, got {self.log_std_init}")
+        if self.target_return is not None and not math.isfinite(self.target_return):
+            raise ValueError(
+                f"target_return must be a finite number or null (off), got {self.target_return}"
+            )
         if self.total_timesteps:
             self.max_steps = max(1, math.ceil(self.total_timesteps / self.rollout_size))
 
@@ -93,8 +108,17 @@ class SGDConfig(ControlConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_epochs < 1 or self.batch_size < 1:
-            raise ValueError("n_epochs and batch_size must be ≥ 1")
+        for name in ("n_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not math.isfinite(self.ent_coef):
+            raise ValueError(f"ent_coef must be a finite number, got {self.ent_coef}")
+        if not 0 <= self.vf_coef < math.inf:
+            raise ValueError(f"vf_coef must be a finite number ≥ 0, got {self.vf_coef}")
+        if self.clip_range_vf is not None and not 0 < self.clip_range_vf < math.inf:
+            raise ValueError(
+                f"clip_range_vf must be a finite number > 0 or null (off), got {self.clip_range_vf}"
+            )
         if self.batch_size > self.rollout_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than a rollout "
@@ -116,8 +140,12 @@ class PPOControlConfig(SGDConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.clip_range <= 0:
-            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+        if not 0 < self.clip_range < math.inf:
+            raise ValueError(f"clip_range must be a finite number > 0, got {self.clip_range}")
+        if self.target_kl is not None and not 0 < self.target_kl < math.inf:
+            raise ValueError(
+                f"target_kl must be a finite number > 0 or null (off), got {self.target_kl}"
+            )
 
 
 @dataclass
@@ -131,8 +159,12 @@ class PPOPenaltyControlConfig(SGDConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kl_coef <= 0 or self.kl_target <= 0:
-            raise ValueError("kl_coef and kl_target must be > 0")
+        for name in ("kl_coef", "kl_target"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("kl_tolerance", "kl_factor"):
+            if not 1 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -151,11 +183,14 @@ class TRPOControlConfig(ControlConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_kl <= 0:
-            raise ValueError(f"max_kl must be > 0, got {self.max_kl}")
-        if self.cg_iters < 1 or self.max_backtracks < 1 or self.vf_iters < 0:
-            raise ValueError("cg_iters and max_backtracks must be ≥ 1, vf_iters ≥ 0")
+        if not 0 < self.max_kl < math.inf:
+            raise ValueError(f"max_kl must be a finite number > 0, got {self.max_kl}")
+        if not 0 <= self.cg_damping < math.inf:
+            raise ValueError(f"cg_damping must be a finite number ≥ 0, got {self.cg_damping}")
+        for name in ("cg_iters", "max_backtracks", "vf_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.vf_iters < 0:
+            raise ValueError(f"vf_iters must be ≥ 0, got {self.vf_iters}")
         if not 0 < self.backtrack_ratio < 1:
             raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
-        if self.vf_batch_size < 1:
-            raise ValueError("vf_batch_size must be ≥ 1")

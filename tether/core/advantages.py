@@ -17,6 +17,13 @@ Everything is computed in ≥ fp32 and is pure: tensors in, tensors out, nothing
   arXiv:2503.20783).
 * :func:`leave_one_out`: RLOO's baseline, each sample's reward minus the mean of the other G − 1 in
   its group (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740 eq. 7).
+
+Both group baselines take an optional ``valid`` mask (B,) for samples whose reward was not finite
+and that a trainer skips (``reward_on_invalid=skip``): the group statistics are then those of the
+n ≤ G valid members only (TRL's nan-aware mean/std), a skipped member's advantage is 0, and a
+group with fewer than two valid members has advantage 0 throughout (one sample has no spread to
+scale by and no other sample to be a baseline; none has nothing to learn from). A group whose
+members are all valid gets exactly (bit for bit) the advantages it gets without a mask.
 """
 
 from __future__ import annotations
@@ -129,40 +136,112 @@ def _groups(scores: Tensor, group_size: int) -> Tensor:
     return _f(scores).view(-1, group_size)  # (B/G, G)
 
 
+def _valid_groups(g: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped scores (B/G, G) and a (B,) validity mask → ``(scores with 0 at the invalid
+    members, the (B/G, G) mask, the (B/G, 1) number of valid members in g's dtype)``."""
+    if valid.dtype != torch.bool or valid.shape != (g.numel(),):
+        raise ValueError(
+            f"valid must be a (B,) = ({g.numel()},) BoolTensor (True = the sample's reward "
+            f"counts), got {valid.dtype} of shape {tuple(valid.shape)}"
+        )
+    v = valid.to(g.device).view_as(g)  # (B/G, G)
+    gz = torch.where(v, g, 0.0)  # a skipped member's score (NaN, inf, anything) never enters
+    return gz, v, v.sum(-1, keepdim=True).to(g.dtype)  # (B/G, 1)
+
+
 @torch.no_grad()
 def group_relative(
-    scores: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+    scores: Tensor,
+    group_size: int,
+    scale: bool = True,
+    eps: float = 1e-4,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """GRPO advantages: (r_i − mean of its group) / (std of its group + eps).
 
+    Shao et al. 2024, arXiv:2402.03300 §4.1.2: outcome supervision sets Â_{i,t} =
+    (r_i − mean(r)) / std(r) for every token t of response i, the advantage of the objective of
+    eq. 3.
+
+    With ``valid``, mean and std are those of the group's n valid members,
+    mean_v = Σ_{j valid} r_j / n and std_v² = Σ_{j valid} (r_j − mean_v)² / (n − 1) (the same
+    Bessel-corrected std as without a mask): the nan-aware statistics of TRL's GRPO trainer.
+    A skipped member gets 0; so does every member of a group with n < 2 (the std of one sample
+    is undefined, and a lone sample has nothing to be compared with).
+
     Args:
-        scores: (B,) sequence rewards, the G samples of each prompt consecutive.
+        scores: (B,) sequence rewards, the G samples of each prompt consecutive; entries where
+            ``valid`` is False are ignored (they may be NaN).
         group_size: G ≥ 2 (with G = 1 every advantage is 0).
         scale: divide by the group's standard deviation (Bessel-corrected, as GRPO and TRL do);
             False keeps only the mean baseline (Dr. GRPO).
         eps: added to the std, so a group of equal rewards gives 0, not NaN.
+        valid: (B,) bool, True where the sample's reward counts; None: all count.
 
     Returns:
-        (B,) float32 advantages.
+        (B,) float32 advantages (float64 for float64 scores).
     """
-    g = _groups(scores, group_size)
+    g = _groups(scores, group_size)  # (B/G, G)
+    if valid is None:
+        return _group_relative_all(g, scale, eps).reshape(-1)
+    gz, v, n = _valid_groups(g, valid)
+    everyone = _group_relative_all(gz, scale, eps)  # exact for the all-valid groups
+    mean = gz.sum(-1, keepdim=True) / n.clamp(min=1.0)  # (B/G, 1)
+    centred = torch.where(v, gz - mean, 0.0)  # (B/G, G)
+    if scale:
+        var = centred.square().sum(-1, keepdim=True) / (n - 1.0).clamp(min=1.0)
+        centred = centred / (var.sqrt() + eps)
+    some = torch.where(n >= 2, centred, 0.0)  # fewer than two valid members: 0
+    adv = torch.where(v.all(-1, keepdim=True), everyone, some)
+    return torch.where(v, adv, 0.0).reshape(-1)
+
+
+def _group_relative_all(g: Tensor, scale: bool, eps: float) -> Tensor:
+    """(B/G, G) → (B/G, G): :func:`group_relative` when every member counts."""
     centred = g - g.mean(-1, keepdim=True)
-    if scale and group_size > 1:
+    if scale and g.shape[-1] > 1:
         centred = centred / (g.std(-1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    return centred
 
 
 @torch.no_grad()
-def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
+def leave_one_out(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """RLOO advantages: r_i − (Σ_{j≠i} r_j)/(G − 1) within each group of G ≥ 2.
 
-    Equals G/(G − 1)·(r_i − mean of the group): an unbiased baseline, since it excludes r_i.
+    Ahmadian et al. 2024, arXiv:2402.14740 eq. 7 (Kool et al. 2019). Equals
+    G/(G − 1)·(r_i − mean of the group): an unbiased baseline, since it excludes r_i.
+
+    With ``valid``, the baseline is the mean of the *other valid* members,
+    b_i = (Σ_{j valid} r_j − r_i)/(n − 1) with n the group's valid count, i.e. n/(n − 1)·(r_i −
+    mean_v). A skipped member gets 0; so does every member of a group with n < 2 (no other
+    sample to be the baseline).
+
+    Args:
+        scores: (B,) sequence rewards, the G samples of each prompt consecutive; entries where
+            ``valid`` is False are ignored (they may be NaN).
+        group_size: G ≥ 2.
+        valid: (B,) bool, True where the sample's reward counts; None: all count.
+
+    Returns:
+        (B,) float32 advantages (float64 for float64 scores).
     """
     if group_size < 2:
         raise ValueError("leave_one_out needs group_size ≥ 2 (the baseline excludes the sample)")
-    g = _groups(scores, group_size)
-    others = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
-    return (g - others).reshape(-1)
+    g = _groups(scores, group_size)  # (B/G, G)
+    if valid is None:
+        return _leave_one_out_all(g).reshape(-1)
+    gz, v, n = _valid_groups(g, valid)
+    everyone = _leave_one_out_all(gz)  # exact for the all-valid groups
+    others = (gz.sum(-1, keepdim=True) - gz) / (n - 1.0).clamp(min=1.0)  # (B/G, G)
+    some = torch.where(n >= 2, gz - others, 0.0)  # fewer than two valid members: 0
+    adv = torch.where(v.all(-1, keepdim=True), everyone, some)
+    return torch.where(v, adv, 0.0).reshape(-1)
+
+
+def _leave_one_out_all(g: Tensor) -> Tensor:
+    """(B/G, G) → (B/G, G): :func:`leave_one_out` when every member counts."""
+    others = (g.sum(-1, keepdim=True) - g) / (g.shape[-1] - 1)
+    return g - others
 
 
 @torch.no_grad()

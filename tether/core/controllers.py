@@ -6,6 +6,13 @@ Every controller exposes ``beta`` (the coefficient to use now), ``update(observe
 construction; a non-finite or negative observed KL is rejected at ``update``. Every error is a
 ``ValueError`` naming the offending parameter.
 
+β never becomes NaN or infinite, and the multiplicative rules (adaptive, PPO penalty) never switch
+it off: β = 0 is a fixed point of β ← β·m, so a β that reached 0 could never recover. The adaptive
+rule's factor 1 + e·n_steps/horizon stays > 0 because ``update`` refuses a horizon ≤
+max_error·n_steps; repeated shrinking stops at :data:`BETA_FLOOR` instead of underflowing to 0,
+and growth stops at :data:`BETA_CEILING` instead of overflowing to inf. Inside those bounds every
+rule is computed exactly as written (bit-for-bit).
+
 * :class:`FixedKL` — a constant β.
 * :class:`AdaptiveKL` — Ziegler et al. 2019 (arXiv:1909.08593 §2.2), as in their code
   (``lm_human_preferences/train_policy.py``, ``AdaptiveKLController``):
@@ -22,7 +29,18 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from typing import Any
+
+DEFAULT_MAX_ERROR = 0.2
+"""The clip on :class:`AdaptiveKL`'s proportional error (Ziegler et al. 2019; TRL)."""
+BETA_FLOOR = sys.float_info.min
+"""The smallest β the multiplicative controllers reach (the smallest normal float, ≈2.2e-308):
+halving or shrinking β further would underflow it to 0, a β these rules could never leave."""
+BETA_CEILING = sys.float_info.max
+"""The largest β any controller reaches: doubling β further would overflow it to inf, and an
+infinite penalty turns the loss into NaN."""
+_FLOAT_MAX = sys.float_info.max
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -54,6 +72,8 @@ class KLController:
     """Base class: a β and the rule that updates it. Subclasses implement ``_update``."""
 
     _state_keys: tuple[str, ...] = ("beta",)
+    _multiplicative = False
+    """Whether the rule multiplies β (then β = 0 is a fixed point it can never leave)."""
 
     def __init__(self, init_beta: float) -> None:
         self._beta = _check_positive("init_beta", init_beta, allow_zero=True)
@@ -80,7 +100,8 @@ class KLController:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict` of the same controller type."""
+        """Restore the state saved by :meth:`state_dict` of the same controller type (a β that is
+        not a finite number ≥ 0 is refused)."""
         if state.get("type") != type(self).__name__:
             raise ValueError(
                 f"controller state is for {state.get('type')!r}, cannot load into "
@@ -89,6 +110,7 @@ class KLController:
         missing = [k for k in self._state_keys if k not in state]
         if missing:
             raise ValueError(f"{type(self).__name__} state is missing keys {missing}")
+        _check_restored_beta(state, positive=self._multiplicative)
         for key in self._state_keys:
             setattr(self, "_" + key, state[key])
 
@@ -111,24 +133,34 @@ class AdaptiveKL(KLController):
 
     e = clip(KL/target − 1, −max_error, max_error);  β ← β·(1 + e·n_steps/horizon).
     ``n_steps`` is the number of samples (episodes) since the last update, so ``horizon`` is in
-    samples: with the paper's horizon 10 000 and batch 512, β moves at most 1% per update.
+    samples: with the paper's horizon 10 000 and batch 512, β moves at most 1% per update. (The
+    trainers pass the *global* number of samples: the rollout size × the number of processes.)
+
+    The factor 1 + e·n_steps/horizon is > 0 for every e ≥ −max_error only if
+    horizon > max_error·n_steps; at or below that a KL under target would set β to 0 (or
+    below), where a multiplicative rule is stuck for good. ``update`` therefore raises a
+    ``ValueError`` naming ``horizon`` (the configs' ``kl_horizon``) and the smallest valid value
+    (:func:`smallest_valid_horizon`); β is also kept in [:data:`BETA_FLOOR`,
+    :data:`BETA_CEILING`] against underflow and overflow over many updates.
 
     Args:
         init_beta: starting β (> 0; a multiplicative rule cannot leave 0).
         target: the KL to hold, in nats per sequence (or whatever unit ``observed_kl`` has).
-        horizon: samples over which a full ``max_error`` correction compounds (> 0).
+        horizon: samples over which a full ``max_error`` correction compounds (> 0, and
+            > max_error·n_steps at every ``update``).
         max_error: clip on the proportional error (0.2 in the paper).
         beta_min, beta_max: optional bounds on β.
     """
 
     _state_keys = ("beta",)
+    _multiplicative = True
 
     def __init__(
         self,
         init_beta: float,
         target: float,
         horizon: float,
-        max_error: float = 0.2,
+        max_error: float = DEFAULT_MAX_ERROR,
         beta_min: float = 0.0,
         beta_max: float = math.inf,
     ) -> None:
@@ -138,10 +170,54 @@ class AdaptiveKL(KLController):
         self.max_error = _check_positive("max_error", max_error)
         self.beta_min, self.beta_max = _check_bounds(beta_min, beta_max, self._beta)
 
+    def update(self, observed_kl: float, n_steps: float = 1) -> float:
+        kl, n = _check_kl(observed_kl, n_steps)
+        check_horizon(
+            self.horizon,
+            n,
+            self.max_error,
+            name="horizon (kl_horizon in the RL and online-DPO configs)",
+            steps="n_steps",
+            note="n_steps: the samples per update, the rollout size × the number of processes",
+        )
+        self._update(kl, n)
+        return self._beta
+
     def _update(self, kl: float, n_steps: float) -> None:
         error = min(max(kl / self.target - 1.0, -self.max_error), self.max_error)
-        mult = 1.0 + error * n_steps / self.horizon
-        self._beta = min(max(self._beta * mult, self.beta_min), self.beta_max)
+        mult = 1.0 + error * n_steps / self.horizon  # > 0: update() checked the horizon
+        beta = max(self._beta * mult, self.beta_min, BETA_FLOOR)
+        self._beta = min(beta, self.beta_max, BETA_CEILING)
+
+
+def smallest_valid_horizon(n_steps: float, max_error: float = DEFAULT_MAX_ERROR) -> int:
+    """The smallest integer :class:`AdaptiveKL` horizon for ``n_steps`` samples per update:
+    ⌊m·n_steps⌋ + 1 with m = min(max_error, 1): the first integer above m·n_steps, the horizon at
+    which the smallest factor the rule can apply, 1 − m·n_steps/horizon, reaches 0."""
+    return math.floor(min(max_error, 1.0) * n_steps) + 1
+
+
+def check_horizon(
+    horizon: float,
+    n_steps: float,
+    max_error: float = DEFAULT_MAX_ERROR,
+    *,
+    name: str = "horizon",
+    steps: str = "n_steps",
+    note: str = "",
+) -> None:
+    """Raise a ``ValueError`` unless :class:`AdaptiveKL`'s factor 1 + e·n_steps/horizon stays > 0
+    for every error e it can see: horizon > m·n_steps with m = min(max_error, 1) (KL ≥ 0 gives
+    e ≥ −1). The message names the option ``name``, says what ``n_steps`` is made of (``steps``,
+    explained by ``note``) and gives the smallest valid value."""
+    m = min(max_error, 1.0)
+    if not horizon > m * n_steps:
+        raise ValueError(
+            f"{name} must be > max_error·{steps} = {m:g}·{n_steps:g} = {m * n_steps:g}"
+            f"{f' ({note})' if note else ''}, got "
+            f"{horizon:g}: a KL below target would set β to ≤ 0 for good; the smallest valid "
+            f"value is {smallest_valid_horizon(n_steps, m)}"
+        )
 
 
 class PPOPenaltyKL(KLController):
@@ -157,7 +233,13 @@ class PPOPenaltyKL(KLController):
         tolerance: the band [target/tolerance, target·tolerance] in which β is left alone (> 1).
         factor: multiplier applied outside the band (> 1).
         beta_min, beta_max: optional bounds on β.
+
+    β is also kept in [:data:`BETA_FLOOR`, :data:`BETA_CEILING`]: a KL below the band for a
+    thousand updates in a row would otherwise halve β to exactly 0 (where doubling cannot bring
+    it back), and one above it would double β to inf.
     """
+
+    _multiplicative = True
 
     def __init__(
         self,
@@ -185,7 +267,7 @@ class PPOPenaltyKL(KLController):
             beta = self._beta * self.factor
         else:
             return
-        self._beta = min(max(beta, self.beta_min), self.beta_max)
+        self._beta = min(max(beta, self.beta_min, BETA_FLOOR), self.beta_max, BETA_CEILING)
 
 
 class PIDKL(KLController):
@@ -205,7 +287,10 @@ class PIDKL(KLController):
     and clamped to [0, beta_max] (anti-windup both ways: the projection onto ≥ 0 of the paper,
     plus no accumulation beyond what β can use). ``init_beta`` pre-loads the integral, so the
     first β equals ``init_beta`` (a bumpless start). With kp = kd = 0 this is gradient ascent on
-    the dual variable, the classic Lagrangian update.
+    the dual variable, the classic Lagrangian update. β = 0 is a legitimate state here (the
+    constraint is slack; the integral brings β back once the KL exceeds the target). The error and
+    derivative inputs are capped at the largest float, so an enormous (finite) KL over a tiny
+    target gives β = beta_max rather than 0·inf = NaN with a zero gain.
 
     Args:
         target: the KL to hold (> 0).
@@ -244,9 +329,11 @@ class PIDKL(KLController):
     def _update(self, kl: float, n_steps: float) -> None:
         prev = self._smoothed_kl
         smoothed = kl if prev is None else self.smoothing * prev + (1.0 - self.smoothing) * kl
-        error = (smoothed - self.target) / self.target
+        smoothed = min(smoothed, _FLOAT_MAX)  # the weighted sum of two huge KLs may round to inf
+        error = min((smoothed - self.target) / self.target, _FLOAT_MAX)  # ≥ −1, never inf
         self._integral = min(max(self._integral + self.ki * error * n_steps, 0.0), self.beta_max)
         rise = 0.0 if prev is None else max(0.0, smoothed - prev) / self.target / n_steps
+        rise = min(rise, _FLOAT_MAX)
         beta = self.kp * error + self._integral + self.kd * rise
         self._beta = min(max(beta, 0.0), self.beta_max)
         self._smoothed_kl = smoothed
@@ -255,6 +342,21 @@ class PIDKL(KLController):
     def integral(self) -> float:
         """The integral term, in β units."""
         return self._integral
+
+
+def _check_restored_beta(state: dict[str, Any], positive: bool) -> None:
+    """A saved β must be a finite number ≥ 0 (> 0 for the multiplicative rules, for which 0 is a
+    fixed point: such a state came from a run whose β had been switched off)."""
+    beta = state.get("beta")
+    if beta is None:  # a missing key is reported by the base class
+        return
+    ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta)
+    if not ok or beta < 0 or (positive and beta == 0):
+        want = "a finite number > 0" if positive else "a finite number ≥ 0"
+        raise ValueError(
+            f"{state.get('type', 'controller')} state: beta must be {want}, got {beta!r}"
+            + (" (a multiplicative rule cannot leave β = 0)" if positive and beta == 0 else "")
+        )
 
 
 def _check_bounds(beta_min: float, beta_max: float, beta: float) -> tuple[float, float]:

@@ -162,17 +162,21 @@ def aggregate(
     * ``"seq_mean"``: mean over sequences of the per-sequence token mean
       (1/B' Σ_b (Σ_t m·x / Σ_t m)), the original PPO-for-LMs / GRPO (arXiv:2402.03300 eq. 3)
       normalisation; sequences with no counted token are left out of B'.
-    * ``"seq_sum"``: mean over sequences of the per-sequence token sum (1/B Σ_b Σ_t m·x): the
-      sequence-level quantity, e.g. a per-sequence KL or log-prob; an empty sequence counts as 0.
+    * ``"seq_sum"``: mean over sequences of the per-sequence token sum (1/B' Σ_b Σ_t m·x): the
+      sequence-level quantity, e.g. a per-sequence KL or log-prob. Without seq_mean's 1/|o_b|
+      per-sequence length normalisation, as Dr. GRPO removes it (Liu et al. 2025,
+      arXiv:2503.20783; its code divides the token sum by a constant budget instead, a constant
+      factor away). B' counts the sequences with at least one counted token, as ``seq_mean``
+      does: an empty (e.g. skipped) sequence is left out, not counted as a 0.
 
     Args:
         x: per-token values (B, T).
         mask: BoolTensor (B, T), True = token counts.
         mode: one of ``"token_mean" | "seq_mean" | "seq_sum"``.
         denominator: if given, replaces the count that normalises the total (tokens for
-            ``token_mean``, sequences for the other two). Use it to normalise by a global count
-            across micro-batches or processes so that accumulated gradients equal the full-batch
-            gradient.
+            ``token_mean``, non-empty sequences for the other two). Use it to normalise by a
+            global count across micro-batches or processes so that accumulated gradients equal
+            the full-batch gradient.
 
     Returns:
         Scalar tensor (float32, or float64 for float64 input). 0 for an empty mask.
@@ -192,7 +196,7 @@ def aggregate(
         count = nonempty.to(torch.float32).sum()
     elif mode == "seq_sum":
         total = masked_sum(x, mask, dim=-1).sum()
-        count = torch.tensor(float(x.shape[0]))
+        count = mask.any(dim=-1).to(torch.float32).sum()  # non-empty sequences, as seq_mean
     else:
         raise ValueError(f"aggregation mode must be one of {AGGREGATIONS}, got {mode!r}")
     if denominator is not None:

@@ -61,7 +61,7 @@ from tether.eval.selfbleu import self_bleu
 from tether.models.generation import SamplingConfig, generate, sample_seed
 from tether.models.logprobs import forward_logprobs, unwrap_model
 from tether.models.numerics import fp32_numerics, weights_are_fp32
-from tether.rewards import RewardFn, make_reward, validate_rewards
+from tether.rewards import RewardFn, call_reward, make_reward
 from tether.runs.config import option
 
 log = logging.getLogger(__name__)
@@ -712,24 +712,20 @@ class HeldOutEvaluator:
             texts = [self.tok.decode(x, skip_special_tokens=True) for x in ids]
             prompts = [ex.prompt for _, _, ex in part]
             rewards: dict[str, list[float]] = {}
+            where: dict[str, Any] = {
+                "step": step,
+                "rows": [ex.index for _, _, ex in part],
+                "stage": "the held-out evaluation",
+                "on_invalid": "skip",
+            }
             if self.proxy_fn is not None:
                 rewards["proxy"] = list(
-                    validate_rewards(
-                        self.proxy_fn(prompts, texts),
-                        len(texts),
-                        str(self.proxy_spec),
-                        on_invalid="skip",
-                        completions=texts,
-                    )
+                    call_reward(self.proxy_fn, prompts, texts, str(self.proxy_spec), **where)
                 )
             for name, fn, spec in zip(
                 self.gold_names, self.gold_fns, self.cfg.eval_rewards, strict=True
             ):
-                rewards[name] = list(
-                    validate_rewards(
-                        fn(prompts, texts), len(texts), spec, on_invalid="skip", completions=texts
-                    )
-                )
+                rewards[name] = list(call_reward(fn, prompts, texts, spec, **where))
             sc = score_responses(
                 model,
                 reference,

@@ -16,6 +16,7 @@ seed in ``seeds``.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,13 +65,26 @@ class ProxyConfig:
             raise ValueError(f"pairs must be a non-empty list of counts ≥ 2, got {self.pairs}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be ≥ 2, got {self.samples_per_prompt}")
-        if self.ensemble < 1:
-            raise ValueError(f"ensemble must be ≥ 1, got {self.ensemble}")
+        if self.prompts is not None and self.prompts < 1:
+            raise ValueError(f"prompts must be ≥ 1 or null (all), got {self.prompts}")
+        for name in ("heldout_pairs", "ensemble", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(
+                f"max_length must be ≥ 2 (a prompt and a response), got {self.max_length}"
+            )
+        for name in ("epochs", "learning_rate"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("uwo_lambda", "min_gap"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if not self.backbone:
+            raise ValueError("backbone must name a reward-model backbone, got ''")
         bad = [c for c in self.combine if c not in COMBINE_MODES]
         if bad:
             raise ValueError(f"combine has {bad}; expected among {', '.join(COMBINE_MODES)}")
-        if self.epochs <= 0 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("epochs, batch_size and learning_rate must be positive")
 
     def names(self) -> list[str]:
         """Every proxy this config builds: n<N> for each N, and n<N>-<combine> with ensembles."""
@@ -89,6 +103,8 @@ class BoNConfig:
     proxies: list[str] | None = option(None, help="Proxies to pick by (null: every proxy).")
 
     def __post_init__(self) -> None:
+        if self.pool < 1:
+            raise ValueError(f"pool must be ≥ 1, got {self.pool}")
         if not self.ns or min(self.ns) < 1 or max(self.ns) > self.pool:
             raise ValueError(f"ns must lie in 1..pool ({self.pool}), got {self.ns}")
 
@@ -171,6 +187,18 @@ class LabConfig:
             raise ValueError("seeds must name at least one seed")
         if self.eval_prompts < 2:
             raise ValueError(f"eval_prompts must be ≥ 2, got {self.eval_prompts}")
+        for name in (
+            "max_prompt_length",
+            "eval_samples_per_prompt",
+            "max_new_tokens",
+            "batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not self.model:
+            raise ValueError("model must be an embedded name, a local path or an HF id, got ''")
         names = self.proxy.names()
         seen: set[str] = set()
         for arm in self.arms:

@@ -307,7 +307,7 @@ class Lab:
             activation_checkpointing="none",
             output_dir=str(run_dir),
             seed=seed,
-            resume=True,
+            resume=True,  # (the request's fingerprint); set below to whether a run is there
             normalization_samples=min(1024, n_pairs),
         )
         request = {"reward_config": config_to_dict(rc), "pairs": fingerprint_file(pairs_file)}
@@ -316,6 +316,7 @@ class Lab:
         if done is not None and saved.is_dir():
             return saved
         _restart_if_changed(run_dir, request)
+        rc.resume = _has_run(run_dir)
         say(f"proxy {name}: {pc.backbone} on {n_pairs} gold-labelled pairs, {steps} steps")
         train_reward(rc)
         save_cached(run_dir / "proxy.json", "proxy", request)
@@ -464,7 +465,7 @@ class Lab:
             "eval_base_cache": str((self.data / "base-eval").resolve()),
             "output_dir": str(run_dir),
             "seed": seed,
-            "resume": True,
+            "resume": True,  # set by trained_arm to whether a run is there to resume
         }
         if method == "dpo":
             assert dpo_data is not None
@@ -503,6 +504,7 @@ class Lab:
         if done is not None:
             return done
         _restart_if_changed(run_dir, request, keep={"recipe.yaml"})
+        config.resume = _has_run(run_dir)
         say(f"arm {name} (seed {seed}): {method} on proxy {proxy}, {config.max_steps} steps")
         _, train_fn = get_trainer(method)
         t0 = time.perf_counter()
@@ -652,6 +654,13 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _has_run(run_dir: Path) -> bool:
+    """Whether a trainer started in ``run_dir`` (so the lab resumes it, from its checkpoint)."""
+    from tether.runs import list_checkpoints
+
+    return (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
 
 
 def _restart_if_changed(

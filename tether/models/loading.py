@@ -24,14 +24,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from tether.errors import ModelError, TetherError
+
 log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model or reward-model path that does not exist, or a directory that is not the kind
+    expected (no ``reward_model.json`` in a reward-model directory). Also a ``FileNotFoundError``,
+    as these were before."""
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""Files of which a saved tokenizer has at least one (``save_pretrained`` writes the first two)."""
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+"""Suffixes of weight files in a model directory."""
+
+_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    ImportError,
+    AttributeError,
+    EOFError,
+    SafetensorError,  # derives from Exception only
+)
+"""What transformers, tokenizers and safetensors raise for a bad model directory or hub id."""
 
 
 @dataclass
@@ -222,6 +260,254 @@ def embedded_model_path(name: str) -> Path:
     return target
 
 
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub may not be contacted (``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE``, read now, not only at import)."""
+    import huggingface_hub.constants as hub
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(hub.HF_HUB_OFFLINE) or any(f.upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub repo id (``"name"`` or ``"org/name"``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub repo ``repo_id`` has a ``config.json`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an unreadable cache counts as no cache
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a library error, for one-line messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_model_dir(path: Path, name: str, what: str = "model") -> None:
+    """Check what can be checked of a local model directory before transformers reads it: it is
+    a directory, it has a ``config.json`` (or a PEFT ``adapter_config.json``), and that file is
+    a JSON object.
+
+    Raises:
+        ModelError: naming the path (or the file) and what to do.
+    """
+    if not path.is_dir():
+        raise ModelError(
+            f"could not load {what} {name!r}: {path} is a file, expected a model directory "
+            "(config.json, the weights and the tokenizer files, as save_pretrained writes them)"
+        )
+    config = path / "config.json"
+    if not config.is_file():
+        if (path / "adapter_config.json").is_file():
+            return  # a saved PEFT adapter: transformers loads its base model and the adapter
+        present = sorted(p.name for p in path.iterdir())[:8]
+        raise ModelError(
+            f"could not load {what} {name!r}: {path} has no config.json, so it is not a saved "
+            f"model directory (it holds {present or 'nothing'}); point to the directory that "
+            "save_pretrained wrote (config.json, model.safetensors, tokenizer files)"
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"could not load {what} {name!r}: {config} is not valid JSON (line {e.lineno}, "
+            f"column {e.colno}: {e.msg}); the file is corrupt or truncated: re-save the model "
+            "or copy config.json again from where it came from"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"could not load {what} {name!r}: cannot read {config}: {e}") from e
+    if not isinstance(parsed, dict):
+        raise ModelError(
+            f"could not load {what} {name!r}: {config} holds a JSON {type(parsed).__name__}, "
+            "expected an object (the model's config)"
+        )
+
+
+def resolve_model_source(name_or_path: str | os.PathLike[str], what: str = "model") -> str | Path:
+    """Where to load ``name_or_path`` from, checked before any library call.
+
+    An embedded model name gives its converted checkpoint directory (converted on first use); an
+    existing path must be a model directory (:func:`check_model_dir`); anything else must be a
+    hub id (``"name"`` or ``"org/name"``), and when the hub may not be contacted
+    (``HF_HUB_OFFLINE=1``) it must already be in the Hugging Face cache.
+
+    Raises:
+        ModelNotFoundError: no such path, and not an embedded name or a usable hub id.
+        ModelError: the path is not a model directory, or the embedded model cannot be prepared.
+    """
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        try:
+            return embedded_model_path(name)
+        except TetherError:
+            raise
+        except (RuntimeError, *_LIBRARY_ERRORS) as e:
+            raise ModelError(
+                f"could not load {what} {name!r}: preparing the embedded model failed: {e}"
+            ) from e
+    path = Path(name).expanduser()
+    if path.exists():
+        check_model_dir(path, name, what)
+        return path
+    embedded = ", ".join(sorted(EMBEDDED_MODELS))
+    if not _is_hub_id(name):
+        raise ModelNotFoundError(
+            f"could not load {what} {name!r}: no such file or directory ({path.absolute()}); it "
+            f"is not an embedded model ({embedded}) and not a hub id ('name' or 'org/name'): "
+            "check the path"
+        )
+    if _hub_offline() and not _in_hub_cache(name):
+        raise ModelNotFoundError(
+            f"could not load {what} {name!r}: no local directory of that name "
+            f"({path.absolute()}), not an embedded model ({embedded}), and as a hub id it is not "
+            "in the Hugging Face cache while the hub is off (HF_HUB_OFFLINE is set, no network): "
+            "give a local model directory, or download it once with network access"
+        )
+    return name
+
+
+def _corrupt_safetensors(directory: Path) -> list[tuple[Path, str]]:
+    """The ``.safetensors`` files of ``directory`` whose header or size is wrong (truncated,
+    corrupt), with safetensors' reason. Only headers are read."""
+    bad = []
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            bad.append((f, _describe(e)))
+    return bad
+
+
+def _load_failure(
+    exc: BaseException, source: str | Path, name: str, part: str, what: str
+) -> ModelError:
+    """The :class:`ModelError` for a library error while loading ``part`` ("tokenizer",
+    "config", "weights") of ``name`` from ``source``."""
+    head = f"could not load {what} {name!r}"
+    shown = {"weights": "config and weights"}.get(part, part)
+    if isinstance(source, Path) and source.is_dir():
+        files = {p.name for p in source.iterdir()}
+        if part == "tokenizer" and not files & set(TOKENIZER_FILES):
+            return ModelError(
+                f"{head}: {source} has a config but no tokenizer files (expected "
+                f"{', '.join(TOKENIZER_FILES[:2])}, ...): save the tokenizer into the same "
+                "directory (tokenizer.save_pretrained(dir)) or copy its files from the base "
+                f"model ({_describe(exc)})"
+            )
+        if part == "weights":
+            bad = _corrupt_safetensors(source)
+            if bad:
+                listed = "; ".join(f"{f} ({why})" for f, why in bad)
+                return ModelError(
+                    f"{head}: truncated or corrupt weights file {listed}: the file was cut short "
+                    "(an interrupted copy or download, a full disk) or is not a safetensors "
+                    "file; re-save the model, or copy / download the file again"
+                )
+            if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+                return ModelError(
+                    f"{head}: {source} has no weights file (model.safetensors or "
+                    f"pytorch_model.bin): save the model with save_pretrained ({_describe(exc)})"
+                )
+        return ModelError(f"{head}: reading its {shown} from {source} failed: {_describe(exc)}")
+    return ModelError(
+        f"{head}: there is no local directory of that name, so it was tried as a hub id and its "
+        f"{shown} could not be fetched (no network? a private or misspelt repo?): "
+        f"{_describe(exc)}"
+    )
+
+
+def load_pretrained(
+    loader: Any,
+    source: str | Path,
+    *,
+    name: str | None = None,
+    part: str = "weights",
+    what: str = "model",
+    **kwargs: Any,
+) -> Any:
+    """``loader.from_pretrained(source, **kwargs)`` (an ``Auto*`` class), with the library errors
+    a user can cause (missing files, garbled config, truncated safetensors, a hub id that cannot
+    be fetched) re-raised as :class:`ModelError` naming the path and what to do.
+
+    ``part`` says what is loaded ("tokenizer", "config", "weights"), ``what`` whose it is
+    ("model", "reward model"), ``name`` how the user named it (default: ``source``).
+    """
+    name = str(source) if name is None else name
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except TetherError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except _LIBRARY_ERRORS as e:
+        raise _load_failure(e, source, name, part, what) from e
+
+
+def model_context_length(model_or_name: Any) -> int | None:
+    """The number of positions the model can attend over (``config.max_position_embeddings``,
+    or ``n_positions`` for GPT-2-style configs), or ``None`` when its config does not say.
+
+    ``model_or_name`` is a model (``.config``; PEFT wrappers too), a config, or a model name /
+    path as :func:`load_policy` takes it (its config is read from disk or the hub cache, never
+    the network; ``None`` when it cannot be read).
+    """
+    config = getattr(model_or_name, "config", model_or_name)
+    if isinstance(model_or_name, (str, os.PathLike)):
+        name = str(model_or_name)
+        source: str | Path = name
+        if name in EMBEDDED_MODELS:  # only once converted: never downloads from here
+            source = cache_dir() / "models" / name
+            if not (source / _MARKER).is_file():
+                return None
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+        except _LIBRARY_ERRORS:
+            return None
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_generation_fits(
+    model: Any, max_prompt_length: int, max_new_tokens: int, *, model_name: str | None = None
+) -> None:
+    """Check that the longest rollout fits the model's context: ``max_prompt_length +
+    max_new_tokens ≤ max_position_embeddings`` (when the config has it). Call it right after the
+    policy is loaded in the trainers that sample (RL, online DPO).
+
+    Raises:
+        ConfigError: naming both options, their sum and the model's context.
+    """
+    context = model_context_length(model)
+    if context is None or max_prompt_length + max_new_tokens <= context:
+        return
+    from tether.runs.config import ConfigError  # (tether.runs imports nothing of tether.models)
+
+    label = f" of {model_name!r}" if model_name else ""
+    raise ConfigError(
+        f"max_prompt_length ({max_prompt_length}) + max_new_tokens ({max_new_tokens}) = "
+        f"{max_prompt_length + max_new_tokens} tokens, more than the model{label}'s context of "
+        f"{context} positions (config.max_position_embeddings): lower max_prompt_length or "
+        f"max_new_tokens so that their sum is at most {context}"
+    )
+
+
 def load_policy(
     name_or_path: str | os.PathLike[str],
     dtype: str | torch.dtype = "auto",
@@ -237,22 +523,31 @@ def load_policy(
         dtype: ``"auto"`` (bf16 on a bf16-capable GPU, else fp32), a name, or a ``torch.dtype``.
         peft: ``None``, a PEFT config object (e.g. ``peft.LoraConfig``), or a dict of
             ``LoraConfig`` fields; the model is wrapped with ``peft.get_peft_model``.
-        trust_remote_code: passed to transformers; off unless asked for.
+        trust_remote_code: passed to transformers: runs Python code shipped with a hub model.
+            Off by default, and no config option or CLI flag turns it on; only code calling this
+            function with ``True`` does.
         device: where to put the model (default: stay on CPU; accelerate places it in trainers).
+
+    Raises:
+        ModelError: the model cannot be loaded; the message names the path (or file) and what
+            to do: no such path (:class:`ModelNotFoundError`), a file where a directory is
+            expected, no or garbled ``config.json``, no tokenizer files, a truncated or corrupt
+            weights file, a hub id that cannot be fetched.
     """
     name = str(name_or_path)
-    path: str | Path = embedded_model_path(name) if name in EMBEDDED_MODELS else name
     torch_dtype = _resolve_dtype(dtype)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-    except OSError as e:
-        raise OSError(
-            f"could not load model {name!r}: not an embedded model ({sorted(EMBEDDED_MODELS)}), "
-            f"and as a local path or hub id it failed: {e}"
-        ) from e
+    source = resolve_model_source(name)
+    tok = load_pretrained(
+        AutoTokenizer, source, name=name, part="tokenizer", trust_remote_code=trust_remote_code
+    )
+    model: PreTrainedModel = load_pretrained(
+        AutoModelForCausalLM,
+        source,
+        name=name,
+        part="weights",
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+    )
     prepare_tokenizer(tok)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

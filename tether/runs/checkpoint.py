@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tether
+from tether.errors import CheckpointError, NumericalError, describe_os_error
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -81,6 +82,24 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
     return {k: v for k, v in module.state_dict().items() if k in trainable}
+
+
+def check_finite_weights(
+    state: StateDict, model: str, what: str, run_dir: str | os.PathLike[str]
+) -> None:
+    """Raise :class:`NumericalError` if a floating-point entry of ``state`` holds NaN or ±inf,
+    naming ``model``, the first bad entry, ``what`` was being written and the run's last
+    checkpoint (which is kept)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                last = latest_checkpoint(run_dir)
+                keep = f"the last good checkpoint is {last}" if last else "no checkpoint was kept"
+                raise NumericalError(
+                    f"model {model!r} has non-finite weights ({key!r}); not writing {what} "
+                    f"({keep}). Lower learning_rate, keep max_grad_norm on, or resume from the "
+                    "checkpoint"
+                )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,17 +197,21 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_model(
-    module: nn.Module, path: Path, partial: bool, name: str, accelerator: Accelerator | None
+def _apply_weights(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    partial: bool,
+    path: Path,
+    name: str,
+    accelerator: Accelerator | None,
 ) -> None:
     target = accelerator.unwrap_model(module) if accelerator is not None else module
-    state = _load_weights(path)
     try:
         result = target.load_state_dict(state, strict=not partial)
     except RuntimeError as exc:
-        raise RuntimeError(f"cannot load model {name!r} from {path}: {exc}") from None
+        raise CheckpointError(f"cannot load model {name!r} from {path}: {exc}") from None
     if result.unexpected_keys:
-        raise RuntimeError(
+        raise CheckpointError(
             f"cannot load model {name!r} from {path}: keys not in the module: "
             f"{result.unexpected_keys[:10]} (save partial states with keys from "
             "module.state_dict(), e.g. trainable_state_dict(module))"
@@ -355,6 +378,7 @@ def save_checkpoint(
             model_states[name] = (full, False)
         else:
             model_states[name] = (model, True)
+        check_finite_weights(model_states[name][0], name, f"the checkpoint of step {step}", run_dir)
     state_tensors: dict[str, torch.Tensor] = {}
     states_json = _split_tensors(dict(states or {}), "states", state_tensors)
 
@@ -399,6 +423,14 @@ def save_checkpoint(
             _fsync_dir(tmp)
             _install(tmp, root / name)
             _prune(root, keep_last, keep=name)
+    except OSError as exc:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(run_dir)
+        kept = f"; {last} is intact" if last else ""
+        raise CheckpointError(
+            describe_os_error(exc, f"cannot write the checkpoint of step {step}") + kept
+        ) from exc
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -450,11 +482,106 @@ def _resolve(path: Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"no checkpoint at {path}: expected a checkpoint directory holding {MANIFEST_FILE} "
             f"or a run directory with {CHECKPOINTS_DIR}/step-*/"
         )
     return latest
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], accelerator: Accelerator | None = None
+) -> dict[str, Any]:
+    """Read every file of a checkpoint into memory (nothing is applied yet), so a truncated or
+    corrupt checkpoint fails here, as a :class:`CheckpointError` naming the file, before any
+    model or optimizer has changed. Tensors load with ``weights_only=True`` (no code runs from
+    a pickle)."""
+    ckpt = _resolve(Path(path))
+    current = ckpt / MANIFEST_FILE
+
+    def fail(exc: BaseException) -> CheckpointError:
+        lines = str(exc).strip().splitlines() or [""]
+        reason = lines[0][:200]  # torch's unpickling errors run to a page
+        return CheckpointError(
+            f"checkpoint {ckpt} is unreadable: {current.name}: {type(exc).__name__}: {reason}"
+        )
+
+    try:
+        manifest = json.loads(current.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{current}: checkpoint format "
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, this "
+                f"tether reads {FORMAT_VERSION}"
+            )
+        data: dict[str, Any] = {"path": ckpt, "manifest": manifest, "models": {}}
+        for name, entry in manifest["models"].items():
+            current = ckpt / entry["file"]
+            data["models"][name] = (_load_weights(current), bool(entry["partial"]))
+        for key, file in (("optimizer", _OPTIMIZER_FILE), ("scheduler", _SCHEDULER_FILE)):
+            if manifest[key]:
+                current = ckpt / file
+                data[key] = torch.load(current, map_location="cpu", weights_only=True)
+        tensors: dict[str, torch.Tensor] = {}
+        current = ckpt / _STATES_TENSORS
+        if current.is_file():
+            tensors = torch.load(current, map_location="cpu", weights_only=True)
+        current = ckpt / _STATES_JSON
+        data["states"] = _join_tensors(json.loads(current.read_text(encoding="utf-8")), tensors)
+        current = ckpt / f"rng-{_rank(accelerator)}.pt"
+        data["rng"] = torch.load(current, weights_only=True) if current.is_file() else None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated/corrupt files: safetensors, pickle, JSON, missing keys
+        raise fail(exc) from exc
+    return data
+
+
+def apply_checkpoint(
+    data: Mapping[str, Any],
+    *,
+    models: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    accelerator: Accelerator | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore what :func:`read_checkpoint` read, in place; return ``(step, states)``."""
+    ckpt, manifest = data["path"], data["manifest"]
+    saved = manifest["models"]
+    missing = sorted(set(models) - set(saved))
+    extra = sorted(set(saved) - set(models))
+    if missing:
+        raise CheckpointError(f"{ckpt} has no model(s) {missing}; it holds {sorted(saved)}")
+    if extra:
+        raise CheckpointError(
+            f"{ckpt} also holds model(s) {extra}: pass them in models= so the run resumes exactly"
+        )
+    for name, module in models.items():
+        state, partial = data["models"][name]
+        _apply_weights(module, state, partial, ckpt / saved[name]["file"], name, accelerator)
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is None:
+            continue
+        if not manifest[key]:
+            raise CheckpointError(f"{ckpt} has no {key} state, but a {key} was passed to restore")
+        try:
+            obj.load_state_dict(data[key])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{ckpt}: the saved {key} state does not fit this run's {key} ({exc}); was the "
+                "model, peft or optimizer setup changed?"
+            ) from exc
+    rng_file = ckpt / f"rng-{_rank(accelerator)}.pt"
+    if data["rng"] is not None:
+        _set_rng_state(data["rng"], rng_file)
+    else:
+        warnings.warn(
+            f"{ckpt} has no RNG state for process {_rank(accelerator)} (saved with "
+            f"{manifest['num_processes']} process(es)); RNG not restored, so the resumed run "
+            "will not match exactly",
+            stacklevel=3,
+        )
+    return int(manifest["step"]), data["states"]
 
 
 def load_checkpoint(
@@ -474,49 +601,13 @@ def load_checkpoint(
         optimizer, scheduler: restored when given (and then must be in the checkpoint).
         accelerator: when given, every process must call this; modules are unwrapped.
 
-    The RNG states (python, numpy, torch CPU and CUDA) of this process are restored too, so
-    call this after building models, optimizer and data, right before the training loop.
+    Every file is read before anything is applied (:func:`read_checkpoint`): an unreadable
+    checkpoint is a :class:`tether.errors.CheckpointError` naming the file, and leaves the
+    models as they were. The RNG states (python, numpy, torch CPU and CUDA) of this process are
+    restored too, so call this after building models, optimizer and data, right before the
+    training loop.
     """
-    ckpt = _resolve(Path(path))
-    manifest = json.loads((ckpt / MANIFEST_FILE).read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{ckpt}: checkpoint format {manifest.get('format')!r}, this tether reads "
-            f"{FORMAT_VERSION}"
-        )
-    saved = manifest["models"]
-    missing = sorted(set(models) - set(saved))
-    extra = sorted(set(saved) - set(models))
-    if missing:
-        raise KeyError(f"{ckpt} has no model(s) {missing}; it holds {sorted(saved)}")
-    if extra:
-        raise KeyError(
-            f"{ckpt} also holds model(s) {extra}: pass them in models= so the run resumes exactly"
-        )
-    for name, module in models.items():
-        entry = saved[name]
-        _load_model(module, ckpt / entry["file"], entry["partial"], name, accelerator)
-    for obj, key, file in (
-        (optimizer, "optimizer", _OPTIMIZER_FILE),
-        (scheduler, "scheduler", _SCHEDULER_FILE),
-    ):
-        if obj is None:
-            continue
-        if not manifest[key]:
-            raise KeyError(f"{ckpt} has no {key} state, but a {key} was passed to restore")
-        obj.load_state_dict(torch.load(ckpt / file, map_location="cpu", weights_only=True))
-    tensors: dict[str, torch.Tensor] = {}
-    if (ckpt / _STATES_TENSORS).is_file():
-        tensors = torch.load(ckpt / _STATES_TENSORS, map_location="cpu", weights_only=True)
-    states = _join_tensors(json.loads((ckpt / _STATES_JSON).read_text(encoding="utf-8")), tensors)
-    rng_file = ckpt / f"rng-{_rank(accelerator)}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True), rng_file)
-    else:
-        warnings.warn(
-            f"{ckpt} has no RNG state for process {_rank(accelerator)} (saved with "
-            f"{manifest['num_processes']} process(es)); RNG not restored, so the resumed run "
-            "will not match exactly",
-            stacklevel=2,
-        )
-    return int(manifest["step"]), states
+    data = read_checkpoint(path, accelerator)
+    return apply_checkpoint(
+        data, models=models, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
+    )

@@ -92,6 +92,16 @@ class RunConfig:
         500, help="Save a checkpoint every N optimizer steps (0: at the end only)."
     )
     keep_last: int | None = option(2, help="Checkpoints kept on disk, newest first (null: all).")
+    overwrite: bool = option(
+        False,
+        help="Start over in an output_dir that holds a run: its checkpoints, metrics and final/ "
+        "are deleted first (without it, such a directory is an error unless resume=true).",
+    )
+    resume_override: bool = option(
+        False,
+        help="Resume even though the config differs from the saved one in fields that change "
+        "the training; the new values apply from the resumed step (LR schedule recomputed).",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
         "auto",
         help="Autocast for the trained model (auto: bf16 where the hardware has bf16 kernels, "
@@ -109,6 +119,13 @@ class RunConfig:
             raise ValueError(f"keep_last must be ≥ 1 or null, got {self.keep_last}")
         if not self.output_dir:
             raise ValueError("output_dir must not be empty")
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "resume=true continues the run in output_dir and overwrite=true deletes it: "
+                "set one of them"
+            )
+        if self.resume_override and not self.resume:
+            raise ValueError("resume_override=true applies to a resumed run: set resume=true too")
 
 
 # ------------------------------------------------------------------------------------------------

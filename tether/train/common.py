@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,7 +24,8 @@ from tether.models.checkpointing import (
 )
 from tether.models.numerics import KL_PRECISION_HELP, KLPrecision
 from tether.models.rollout import ROLLOUT_DTYPE_HELP, RolloutDtype
-from tether.runs.config import RunConfig, option
+from tether.runs.config import ConfigError, RunConfig, option
+from tether.runs.rundir import RunDir
 
 
 @dataclass
@@ -54,20 +56,42 @@ class TrainConfig(RunConfig):
     gradient_accumulation_steps: int = option(
         1, help="Micro-batches per optimizer step; batch_size is split into this many."
     )
+    max_bad_steps: int = option(
+        10,
+        help="A step with a non-finite loss, gradient norm, reward or KL is skipped (counted "
+        "as bad_steps); this many in a row stop the run, its last good checkpoint kept.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size and gradient_accumulation_steps must be ≥ 1")
+        if not self.model:
+            raise ValueError("model must be an embedded name, a local path or an HF id, got ''")
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        for i, b in enumerate(self.adam_betas):
+            if not 0 <= b < 1:
+                raise ValueError(f"adam_betas[{i}] must be in [0, 1), got {b}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            # A negative max_norm makes the clip coefficient negative: gradient ascent.
+            raise ValueError(
+                f"max_grad_norm must be a finite number > 0 or null (off), got {self.max_grad_norm}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps})"
             )
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
 
     @property
     def micro_batch_size(self) -> int:
@@ -96,6 +120,15 @@ class SamplingTrainConfig(EvalConfig, TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_eval()
+        for name in ("max_prompt_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
         if self.kl_precision == "fp32" and self.dtype == "bfloat16":
             raise ValueError(
                 "kl_precision=fp32 needs fp32 weights, but dtype=bfloat16: use dtype=float32 "
@@ -122,6 +155,20 @@ class PreferenceDataConfig(TrainConfig):
     as_chat: bool = option(
         False, help="Wrap plain-string prompts/responses as chat messages (chat template)."
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be ≥ 1, got {self.eval_steps}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be ≥ 1, got {self.max_prompt_length}")
+        if self.max_length <= self.max_prompt_length:
+            raise ValueError(
+                f"max_length must be > max_prompt_length ({self.max_prompt_length}): room for a "
+                f"response, got {self.max_length}"
+            )
 
 
 def bf16_supported() -> bool:
@@ -164,6 +211,48 @@ def load_trainable_policy(cfg: TrainConfig) -> Policy:
     enable_activation_checkpointing(policy.model, cfg.activation_checkpointing)
     policy.model.config.use_cache = False
     return policy
+
+
+DATA_FIELDS = ("train_data", "eval_data", "prompts", "eval_prompts")
+"""Config fields that name a data file (checked before anything loads)."""
+
+
+def check_input_files(cfg: Any) -> None:
+    """Before any model or data loads: each data file the config names exists and is a file,
+    and the one the trainer needs is given. Raises :class:`tether.runs.ConfigError` naming the
+    option."""
+    required = {
+        "train_data": isinstance(cfg, PreferenceDataConfig),
+        "prompts": isinstance(cfg, SamplingTrainConfig),
+    }
+    for name in DATA_FIELDS:
+        value = getattr(cfg, name, None)
+        if not value:
+            if required.get(name):
+                kind = (
+                    "preference pairs (prompt/chosen/rejected)"
+                    if name == "train_data"
+                    else ("prompts (a 'prompt' column)")
+                )
+                raise ConfigError(f"{name} is required: a data file of {kind}")
+            continue
+        path = Path(value)
+        if not path.exists():
+            raise ConfigError(
+                f"{name}: {value!r} not found (relative paths are read from {Path.cwd()})"
+            )
+        if path.is_dir():
+            raise ConfigError(
+                f"{name}: {value!r} is a directory; expected a data file (.jsonl, .json, .csv "
+                "or .parquet)"
+            )
+
+
+def start_run(cfg: RunConfig, accelerator: Accelerator) -> RunDir:
+    """Check the config's data files and open (lock, check, create) the run directory — before
+    the model and data load, so a mistake there costs no loading time."""
+    check_input_files(cfg)
+    return RunDir.from_config(cfg, accelerator)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -311,21 +400,28 @@ def load_preference_split(
     eval_data: str | None,
     eval_fraction: float,
     seed: int,
+    context_length: int | None = None,
     **load_kwargs: Any,
 ) -> tuple[list[Any], list[Any], str]:
     """Train and held-out preference pairs, and a fingerprint of both.
 
     ``eval_data`` when given, else a seeded ``eval_fraction`` split of ``train_data`` (the same
     split for every run with the same seed). The fingerprint keys caches such as the
-    precomputed reference.
+    precomputed reference. With ``context_length`` (the model's positions), a pair longer than
+    it after the ``max_length`` truncation is a ``DataError`` naming the file and the row
+    (:func:`tether.data.context.check_preference_context`).
     """
     from tether.data import load_preference_dataset
+    from tether.data.context import check_preference_context
 
+    max_length = load_kwargs.get("max_length")
     train_ds = load_preference_dataset(train_data, tokenizer, **load_kwargs)
+    check_preference_context(train_ds, context_length, train_ds.source, max_length=max_length)
     fingerprint = train_ds.fingerprint()
     examples = list(train_ds)
     if eval_data:
         eval_ds = load_preference_dataset(eval_data, tokenizer, **load_kwargs)
+        check_preference_context(eval_ds, context_length, eval_ds.source, max_length=max_length)
         return examples, list(eval_ds), (fingerprint + eval_ds.fingerprint())[:64]
     n_eval = int(round(eval_fraction * len(examples)))
     g = torch.Generator().manual_seed(seed)
@@ -340,18 +436,20 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     max_grad_norm: float | None,
+    guard: Any = None,
+    loss: Any = None,
 ) -> float | None:
-    """Clip the gradient norm (if configured), step optimiser and schedule, clear the grads.
+    """Clip the gradient norm (if configured), step optimiser and schedule, clear the grads;
+    with a :class:`tether.train.guards.StepGuard`, a non-finite loss or gradient norm skips the
+    step instead (:func:`tether.train.guards.guarded_optimizer_step`).
 
     Returns the gradient norm before clipping, or ``None`` when clipping is off.
     """
-    grad_norm = None
-    if max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), max_grad_norm))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    from tether.train.guards import guarded_optimizer_step
+
+    return guarded_optimizer_step(
+        accelerator, module, optimizer, scheduler, max_grad_norm, guard, loss
+    )
 
 
 def split_heldout_prompts(
@@ -387,8 +485,9 @@ def make_evaluator(
 
 
 def save_policy_to(model: nn.Module, tokenizer: Any) -> Any:
-    """A ``save(dir)`` that writes the policy (adapter for LoRA) and tokenizer, as ``final/`` is
-    written: for ``best/``. ``model``: the bare policy model, not the prepared module."""
+    """A ``save(dir)`` that writes the policy (adapter for LoRA) and tokenizer: for ``final/``
+    (:meth:`RunDir.write_final`) and ``best/``. ``model``: the bare policy model, not the
+    prepared module."""
 
     def save(path: Any) -> None:
         model.save_pretrained(path)

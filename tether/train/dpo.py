@@ -20,6 +20,7 @@ samples):
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tether.core.masked import masked_sum
 from tether.data import PreferenceExample, PromptExample, collate_preferences, load_prompt_dataset
 from tether.eval.heldout import EvalConfig
 from tether.models import cache_dir, forward_logprobs
+from tether.models.loading import model_context_length
 from tether.models.numerics import HALF_PRECISIONS
 from tether.reference import (
     CopyReference,
@@ -40,7 +42,7 @@ from tether.reference import (
     ReferencePolicy,
     make_reference,
 )
-from tether.runs import Progress, RunDir
+from tether.runs import Progress
 from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
@@ -57,8 +59,10 @@ from tether.train.common import (
     resolve_mixed_precision,
     save_policy_to,
     split_micro_batches,
+    start_run,
 )
 from tether.train.distributed import Dist, MetricSums, global_count
+from tether.train.guards import StepGuard
 
 
 @dataclass
@@ -98,16 +102,24 @@ class DPOConfig(EvalConfig, PreferenceDataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be < max_length")
-        if self.exact_kl_samples < 0 or self.eval_steps < 1:
-            raise ValueError("exact_kl_samples must be ≥ 0 and eval_steps ≥ 1")
-        if self.max_new_tokens < 1 or self.temperature <= 0:
-            raise ValueError("max_new_tokens must be ≥ 1 and temperature > 0")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 < self.chi2_max_reward < math.inf:
+            raise ValueError(
+                f"chi2_max_reward must be a finite number > 0, got {self.chi2_max_reward}"
+            )
+        if not 0 <= self.sync_alpha <= 1:
+            raise ValueError(f"sync_alpha must be in [0, 1], got {self.sync_alpha}")
+        if self.sync_tau < 1:
+            raise ValueError(f"sync_tau must be ≥ 1, got {self.sync_tau}")
+        if self.exact_kl_samples < 0:
+            raise ValueError(f"exact_kl_samples must be ≥ 0, got {self.exact_kl_samples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         self.check_eval()
 
     @property
@@ -138,15 +150,24 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, mean: bool) ->
 
 
 def split_data(
-    cfg: DPOConfig, tokenizer: Any
+    cfg: DPOConfig, tokenizer: Any, context_length: int | None = None
 ) -> tuple[list[PreferenceExample], list[PreferenceExample], str]:
-    """Train and eval examples, and a fingerprint of both (keys the precomputed reference)."""
+    """Train and eval examples, and a fingerprint of both (keys the precomputed reference).
+
+    A pair longer than the model's context after the ``max_length`` truncation is a
+    ``DataError`` naming the file and the row. ``context_length``: the model's positions
+    (:func:`tether.models.loading.model_context_length` of the loaded model); default: read
+    from ``cfg.model``'s config (on disk, never the network; unknown: no check).
+    """
+    if context_length is None:
+        context_length = model_context_length(cfg.model)
     return load_preference_split(
         tokenizer,
         cfg.train_data,
         cfg.eval_data,
         cfg.eval_fraction,
         cfg.seed,
+        context_length=context_length,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
         as_chat=cfg.as_chat,
@@ -354,9 +375,8 @@ def heldout_prompts(
 
 def train(cfg: DPOConfig) -> dict[str, float]:
     """Run offline DPO as configured; returns the final metrics."""
-    if not cfg.train_data:
-        raise ValueError("train_data is required: a preference file with prompt/chosen/rejected")
     acc = make_accelerator(cfg)
+    run = start_run(cfg, acc)
     dist = Dist(acc)
     policy = load_trainable_policy(cfg)
     tok = policy.tokenizer
@@ -371,7 +391,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
-    run = RunDir.from_config(cfg, acc)
+    guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(
         len(train_ex), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index
@@ -379,16 +399,22 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     evaluator = make_evaluator(
         cfg, tok, heldout_prompts(cfg, tok, eval_ex), cfg.reward, run.path, acc
     )
+    # the steps since the last log line: saved in checkpoints, so a resumed run logs the same
+    # means as an uninterrupted one
+    window: list[dict[str, torch.Tensor]] = []
+    tokens, window_steps, t0 = 0, 0, time.perf_counter()
     if states:
         cursor.load_state_dict(states["cursor"])
         reference.load_state_dict(states["reference"])
+        guard.load_state_dict(states.get("guard", guard.state_dict()))
+        saved_window = states.get("log_window", {})
+        window = list(saved_window.get("stats", []))
+        tokens, window_steps = saved_window.get("tokens", 0), saved_window.get("steps", 0)
         if evaluator is not None and "evaluator" in states:
             evaluator.load_state_dict(states["evaluator"])
 
     final: dict[str, float] = {}
     save_best = save_policy_to(model, tok)
-    window: list[dict[str, torch.Tensor]] = []
-    tokens, window_steps, t0 = 0, 0, time.perf_counter()
     n_micro = cfg.gradient_accumulation_steps
     with Progress(
         cfg.max_steps, initial=step, metrics=("loss", "rewards/accuracy"), accelerator=acc
@@ -403,6 +429,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                 t0 = time.perf_counter()
         while step < cfg.max_steps:
             module.train()
+            guard.step, mark, bad = step + 1, len(window), guard.total
             micro = split_micro_batches(cursor.next_indices(), n_micro)
             for i, idx in enumerate(micro):
                 batch = _to(collate_preferences([train_ex[j] for j in idx], pad_id), acc.device)
@@ -412,9 +439,13 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                     acc.backward(loss / len(micro))
                 window.append(stats)
                 tokens += int(batch["attention_mask"].sum())
-            grad_norm = optimizer_step(acc, module, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(
+                acc, module, optimizer, scheduler, cfg.max_grad_norm, guard, loss.detach()
+            )
             step += 1
             window_steps += 1
+            if guard.total > bad:  # skipped: its non-finite statistics stay out of the means
+                del window[mark:]
             reference.on_step(model, step)
 
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
@@ -426,7 +457,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                         min(cfg.exact_kl_samples, batch["input_ids"].shape[0] // 2),
                     )
                     window.append({"kl/chosen_exact": exact})
-                metrics = _mean_stats(window, dist)  # over every process's pairs
+                metrics = _mean_stats(window, dist) if window else {}  # every process's pairs
                 all_tokens = global_count(dist, tokens)
                 elapsed = time.perf_counter() - t0
                 metrics.update(
@@ -438,6 +469,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                 )
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
+                metrics.update(guard.metrics())
                 run.log(step, metrics)
                 bar.update(step, metrics)
                 final.update(metrics)
@@ -467,15 +499,13 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                     states={
                         "cursor": cursor.state_dict(),
                         "reference": reference.state_dict(),
+                        "guard": guard.state_dict(),
+                        "log_window": {"stats": window, "tokens": tokens, "steps": window_steps},
                         **({} if evaluator is None else {"evaluator": evaluator.state_dict()}),
                     },
                 )
             if stop:
                 break
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        out = run.path / "final"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+    run.write_final(save_best, models={"policy": model})
     run.close()
     return final

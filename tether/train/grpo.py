@@ -14,12 +14,16 @@ Both sample G completions per prompt and use the group as the baseline, so no va
   samples' (leave-one-out), the clipped surrogate over the tokens (one epoch = REINFORCE with a
   baseline).
 
+With ``reward_on_invalid=skip`` a group's statistics are those of its valid members only (see
+:func:`group_advantages`).
+
 ``ppo_epochs`` passes × ``num_mini_batches`` optimizer steps per rollout, as in PPO (μ iterations
 in the GRPO paper). β from any controller (fixed / adaptive / PID) on the measured KL.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ from tether.core.losses import ppo_clip_loss
 from tether.core.masked import Aggregation, aggregate, masked_mean
 from tether.runs.config import option
 from tether.train.distributed import MetricSums
+from tether.train.guards import guarded_optimizer_step
 from tether.train.rl import (
     Experience,
     KLPlacement,
@@ -65,9 +70,20 @@ class GRPOConfig(RLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_generations < 2:
-            raise ValueError("group baselines need num_generations ≥ 2")
-        if self.ppo_epochs < 1 or self.num_mini_batches < 1:
-            raise ValueError("ppo_epochs and num_mini_batches must be ≥ 1")
+            raise ValueError(
+                f"num_generations must be ≥ 2, got {self.num_generations} (the group baseline "
+                f"compares num_generations ≥ 2 completions of each prompt)"
+            )
+        for name in ("ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.clip_eps < math.inf:
+            raise ValueError(f"clip_eps must be a finite number > 0, got {self.clip_eps}")
+        if self.clip_eps_high is not None and not 0 < self.clip_eps_high < math.inf:
+            raise ValueError(
+                f"clip_eps_high must be a finite number > 0 or null (= clip_eps), "
+                f"got {self.clip_eps_high}"
+            )
         n = self.rollout_size
         if n % self.num_mini_batches or (n // self.num_mini_batches) % (
             self.gradient_accumulation_steps
@@ -107,22 +123,22 @@ class RLOOConfig(GRPOConfig):
 
 def group_advantages(exp: Experience, beta: float, cfg: GRPOConfig) -> torch.Tensor:
     """(N, R) token advantages: the group baseline of the (KL-shaped) sequence reward, broadcast
-    over each response. Samples dropped for an invalid reward get 0 and do not enter baselines
-    (their score is replaced by their group's valid mean before the baseline is taken)."""
+    over each response.
+
+    Samples skipped for an invalid reward (``exp.valid`` False, ``reward_on_invalid=skip``) take
+    no part in their group's statistics: the mean and std (GRPO) or the leave-one-out baseline
+    (RLOO) are over the group's valid members only, a skipped sample's advantage is 0, and so is
+    every advantage of a group with fewer than two valid members (``valid`` in
+    :mod:`tether.core.advantages`). A skipped sample's ``response_mask`` is all False, so it adds
+    no loss, no tokens and no sequences to the update's denominators
+    (:func:`tether.train.rl.aggregation_denominator`)."""
     seq = sequence_rewards(exp, beta, cfg.kl_in)  # (N,)
     g = cfg.num_generations
-    valid = exp.valid.view(-1, g)
-    grouped = seq.view(-1, g)
-    if not bool(valid.all()):
-        fill = (grouped * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
-        grouped = torch.where(valid, grouped, fill)
-    flat = grouped.reshape(-1)
     if cfg.algorithm == "rloo":
-        adv = leave_one_out(flat, g)
+        adv = leave_one_out(seq, g, valid=exp.valid)  # (N,)
     else:
-        adv = group_relative(flat, g, scale=cfg.scale_rewards)
-    adv = torch.where(exp.valid, adv, 0.0)
-    return torch.where(exp.response_mask, adv[:, None], 0.0)
+        adv = group_relative(seq, g, scale=cfg.scale_rewards, valid=exp.valid)  # (N,)
+    return torch.where(exp.response_mask, adv[:, None], 0.0)  # (N, R)
 
 
 def group_update(
@@ -200,12 +216,11 @@ def group_update(
                     sums.mean(k, v.detach(), tokens)
                 if w is not None:
                     sums.mean("tis/weight", masked_mean(w, mask), tokens)
-            if cfg.max_grad_norm is not None:
-                gn = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+            gn = guarded_optimizer_step(
+                acc, module, optimizer, scheduler, cfg.max_grad_norm, sess.guard, loss.detach()
+            )
+            if gn is not None and math.isfinite(gn):
                 local["grad_norm"].append(gn)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             steps += 1
     return update_metrics(sums, dist, steps, ("loss/policy",), local)
 

@@ -16,19 +16,21 @@ measured on-policy KL at ``kl_target`` (Ziegler et al. 2019), which no peer offe
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from tether.core.controllers import AdaptiveKL, FixedKL, KLController
+from tether.core.controllers import AdaptiveKL, FixedKL, KLController, check_horizon
 from tether.core.kl import anchored_ref_logp, k1, k3
 from tether.core.losses import DPOLossType, dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
 from tether.models.generation import sample_seeds
+from tether.models.loading import check_generation_fits
 from tether.models.numerics import (
     check_fp32_weights,
     fp32_policy_logprobs,
@@ -37,8 +39,8 @@ from tether.models.numerics import (
 )
 from tether.models.rollout import SHARDED, rollout_weights
 from tether.reference import make_reference
-from tether.rewards import make_reward, validate_rewards
-from tether.runs import Progress, RunDir
+from tether.rewards import call_reward, make_reward
+from tether.runs import Progress
 from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
@@ -50,12 +52,15 @@ from tether.train.common import (
     make_optimizer,
     make_scheduler,
     model_state_for_checkpoint,
+    optimizer_step,
     resolve_mixed_precision,
     save_policy_to,
     split_heldout_prompts,
+    start_run,
 )
 from tether.train.distributed import Dist, MetricSums, check_same, global_count
 from tether.train.dpo import sequence_logps
+from tether.train.guards import StepGuard
 
 
 @dataclass
@@ -84,10 +89,23 @@ class OnlineDPOConfig(SamplingTrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0 or self.beta_end <= 0:
-            raise ValueError("beta and beta_end must be > 0")
-        if self.kl_target <= 0 or self.kl_horizon <= 0:
-            raise ValueError("kl_target and kl_horizon must be > 0")
+        for name in ("beta", "beta_end", "kl_target", "kl_horizon"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.min_score_gap < math.inf:
+            raise ValueError(f"min_score_gap must be a finite number ≥ 0, got {self.min_score_gap}")
+        if self.beta_schedule == "adaptive":
+            # Two samples per prompt; n_steps is global (× processes): AdaptiveKL.update checks
+            # that at the first step.
+            check_horizon(
+                self.kl_horizon,
+                2 * self.batch_size,
+                name="kl_horizon",
+                steps="2·batch_size",
+                note="the samples per update of one process; N processes need N times more",
+            )
         if self.gradient_accumulation_steps != 1:
             raise ValueError(
                 "online_dpo samples a fresh batch per step: use batch_size, not "
@@ -145,12 +163,14 @@ def rollout_rows(rollout: Any, rows: list[int]) -> dict[str, torch.Tensor]:
 
 def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     """Run online DPO as configured; returns the final metrics."""
-    if not cfg.prompts:
-        raise ValueError("prompts is required: a prompt file with a 'prompt' column")
-    judge = make_reward(cfg.judge)
     acc = make_accelerator(cfg)
+    run = start_run(cfg, acc)
+    judge = make_reward(cfg.judge)
     dist = Dist(acc)
     policy = load_trainable_policy(cfg)
+    check_generation_fits(
+        policy.model, cfg.max_prompt_length, cfg.max_new_tokens, model_name=cfg.model
+    )
     tok = policy.tokenizer
     data, eval_prompts = split_heldout_prompts(
         cfg,
@@ -179,7 +199,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
-    run = RunDir.from_config(cfg, acc)
+    guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
     evaluator = make_evaluator(cfg, tok, eval_prompts, cfg.judge, run.path, acc)
@@ -187,6 +207,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         cursor.load_state_dict(states["cursor"])
         reference.load_state_dict(states["reference"])
         controller.load_state_dict(states["beta"])
+        guard.load_state_dict(states.get("guard", guard.state_dict()))
         if evaluator is not None and "evaluator" in states:
             evaluator.load_state_dict(states["evaluator"])
 
@@ -198,7 +219,9 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
     )
     final: dict[str, float] = {}
     save_best = save_policy_to(model, tok)
-    window: list[dict[str, float]] = []
+    # the steps since the last log line: saved in checkpoints, so a resumed run logs the same
+    # means as an uninterrupted one
+    window: list[dict[str, float]] = list(states.get("log_window", [])) if states else []
     with Progress(
         cfg.max_steps, initial=step, metrics=("score", "kl/k1", "beta"), accelerator=acc
     ) as bar:
@@ -238,7 +261,14 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                 for i in range(len(prompt_ids))
             ]
             prompts_text = [e.prompt for e in examples for _ in range(2)]
-            scores = validate_rewards(judge(prompts_text, texts), len(texts), cfg.judge)
+            scores = call_reward(
+                judge,
+                prompts_text,
+                texts,
+                cfg.judge,
+                step=step,
+                rows=[e.index for e in examples for _ in range(2)],
+            )
             batch, counts = pair_batch(rollout, list(scores), cfg.min_score_gap)
             beta = scheduled_beta(cfg, controller, step)
             sums = MetricSums()
@@ -289,9 +319,10 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                         # this process's share of the mean over every process's pairs
                         loss = out.losses.sum() / b_all
                 acc.backward(loss * dist.grad_scale)
-                if cfg.max_grad_norm is not None:
-                    stats_grad = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-                optimizer.step()
+                guard.step = step + 1
+                stats_grad = optimizer_step(
+                    acc, module, optimizer, scheduler, cfg.max_grad_norm, guard, loss.detach()
+                )
                 if b > 0:
                     # on-policy KL: the samples came from π_θ before this update
                     kl1 = masked_sum(k1(pol_kl, ref_lp), resp, dim=-1)
@@ -305,11 +336,14 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
             stats = sums.reduce(dist)
             stats["beta"] = beta
             if b_all > 0:
-                if cfg.max_grad_norm is not None:
+                if stats_grad is not None:
                     stats["grad_norm"] = stats_grad
-                controller.update(max(stats["kl/k1"], 0.0), n_steps=2 * b_all)
-            scheduler.step()
+                if math.isfinite(stats["kl/k1"]):
+                    controller.update(max(stats["kl/k1"], 0.0), n_steps=2 * b_all)
+            else:
+                scheduler.step()  # no pair anywhere: no update, the schedule moves on
             optimizer.zero_grad(set_to_none=True)
+            stats.update(guard.metrics())
             step += 1
             reference.on_step(model, step)
             window.append(stats)
@@ -345,14 +379,13 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                         "cursor": cursor.state_dict(),
                         "reference": reference.state_dict(),
                         "beta": controller.state_dict(),
+                        "guard": guard.state_dict(),
+                        "log_window": window,
                         **({} if evaluator is None else {"evaluator": evaluator.state_dict()}),
                     },
                 )
             if stop:
                 break
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        model.save_pretrained(run.path / "final")
-        tok.save_pretrained(run.path / "final")
+    run.write_final(save_best, models={"policy": model})
     run.close()
     return final

@@ -22,6 +22,7 @@ KL of the rollout and sets β for the next one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from tether.core.masked import Aggregation, aggregate, masked_mean, masked_sum
 from tether.models.numerics import fp32_policy_logprobs
 from tether.runs.config import option
 from tether.train.distributed import Dist, MetricSums
+from tether.train.guards import guarded_optimizer_step
 from tether.train.rl import (
     Experience,
     RLConfig,
@@ -72,8 +74,22 @@ class PPOConfig(RLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ppo_epochs < 1 or self.num_mini_batches < 1:
-            raise ValueError("ppo_epochs and num_mini_batches must be ≥ 1")
+        for name in ("ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.clip_eps < math.inf:
+            raise ValueError(f"clip_eps must be a finite number > 0, got {self.clip_eps}")
+        for name in ("clip_eps_high", "value_clip", "target_kl"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0 or null (off), got {value}")
+        if not 0 <= self.vf_coef < math.inf:
+            raise ValueError(f"vf_coef must be a finite number ≥ 0, got {self.vf_coef}")
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         n = self.rollout_size
         if n % self.num_mini_batches:
             raise ValueError(
@@ -100,8 +116,9 @@ class PPOPenaltyConfig(PPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.penalty_beta <= 0 or self.penalty_target <= 0:
-            raise ValueError("penalty_beta and penalty_target must be > 0")
+        for name in ("penalty_beta", "penalty_target"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
 
     @property
     def algorithm(self) -> str:
@@ -287,14 +304,11 @@ def ppo_update(
                 if w is not None:
                     sums.mean("tis/weight", masked_mean(w, mask), tokens)
                 epoch_kl.mean("kl", pg.kl_old_new.detach(), tokens)
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = guarded_optimizer_step(
+                acc, module, optimizer, scheduler, cfg.max_grad_norm, sess.guard, loss.detach()
+            )
             steps += 1
-            if grad_norm is not None:
+            if grad_norm is not None and math.isfinite(grad_norm):
                 local["grad_norm"].append(grad_norm)
         # the early-stop decision is the global batch's, so every process stops together
         if cfg.target_kl is not None and penalty_ctl is None:

@@ -25,6 +25,7 @@ pairs, and :func:`tether.rewards.model.load_reward_model` turns it into a reward
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.core.losses import bradley_terry_loss
 from tether.data import PreferenceExample, collate_preferences
-from tether.rewards.model import RewardModel, RewardNormalization
-from tether.runs import Progress, RunDir
+from tether.rewards.model import RewardModel, RewardNormalization, backbone_context_length
+from tether.runs import Progress
 from tether.runs.checkpoint import trainable_state_dict
 from tether.runs.config import option
 from tether.train.common import (
@@ -49,7 +50,9 @@ from tether.train.common import (
     make_scheduler,
     optimizer_step,
     split_micro_batches,
+    start_run,
 )
+from tether.train.guards import StepGuard
 
 REWARD_MODEL_DIR = "reward_model"
 """Sub-directory of the run directory the trained reward model is saved to."""
@@ -74,22 +77,10 @@ class RewardConfig(PreferenceDataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
-                f"({self.max_length})"
-            )
-        if self.eval_steps < 1:
-            raise ValueError(f"eval_steps must be ≥ 1, got {self.eval_steps}")
-        if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be ≥ 0 or null, got {self.margin}")
-        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
-            raise ValueError(
-                f"center_rewards_coefficient must be ≥ 0 or null, got "
-                f"{self.center_rewards_coefficient}"
-            )
+        for name in ("margin", "center_rewards_coefficient"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number ≥ 0 or null (off), got {value}")
         if self.normalization_samples < 0:
             raise ValueError(f"normalization_samples must be ≥ 0, got {self.normalization_samples}")
 
@@ -148,16 +139,21 @@ def summarize(chunks: list[dict[str, Tensor]], acc: Accelerator | None = None) -
 
 
 def split_data(
-    cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase
+    cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, context_length: int | None = None
 ) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
     """Train and held-out pairs: ``eval_data`` when given, else a seeded ``eval_fraction`` split
-    of ``train_data``."""
+    of ``train_data``. A pair longer than the backbone's context after the ``max_length``
+    truncation is a ``DataError`` naming the file and the row; ``context_length`` defaults to
+    the one in ``cfg.model``'s config (an embedded encoder's too; unknown: no check)."""
+    if context_length is None:
+        context_length = backbone_context_length(cfg.model)
     train, held, _ = load_preference_split(
         tokenizer,
         cfg.train_data,
         cfg.eval_data,
         cfg.eval_fraction,
         cfg.seed,
+        context_length=context_length,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
         as_chat=cfg.as_chat,
@@ -225,9 +221,8 @@ def train(cfg: RewardConfig) -> dict[str, float]:
 
     The trained model is saved to ``<output_dir>/reward_model`` (see the module docstring).
     """
-    if not cfg.train_data:
-        raise ValueError("train_data is required: a preference file with prompt/chosen/rejected")
     acc = make_accelerator(cfg)
+    run = start_run(cfg, acc)
     rm = RewardModel.from_pretrained_backbone(
         cfg.model,
         dtype=cfg.dtype,
@@ -242,26 +237,33 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     optimizer = make_optimizer(rm, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     module, optimizer, scheduler = acc.prepare(rm, optimizer, scheduler)
-    run = RunDir.from_config(cfg, acc)
+    guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(
         models={CHECKPOINT_MODEL_NAME: rm}, optimizer=optimizer, scheduler=scheduler
     )
     cursor = DataCursor(
         len(train_ex), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index
     )
+    # the steps since the last log line: saved in checkpoints, so a resumed run logs the same
+    # means as an uninterrupted one
+    window: list[dict[str, Tensor]] = []
+    pairs, window_steps, t0 = 0, 0, time.perf_counter()
     if states:
         cursor.load_state_dict(states["cursor"])
+        guard.load_state_dict(states.get("guard", guard.state_dict()))
+        saved_window = states.get("log_window", {})
+        window = list(saved_window.get("stats", []))
+        pairs, window_steps = saved_window.get("pairs", 0), saved_window.get("steps", 0)
 
     final: dict[str, float] = {}
     if eval_ex and step == 0:  # the untrained baseline, for comparison
         run.log(0, evaluate(module, eval_ex, cfg, pad_id, acc.device))
-    window: list[dict[str, Tensor]] = []
-    pairs, window_steps, t0 = 0, 0, time.perf_counter()
     with Progress(
         cfg.max_steps, initial=step, metrics=("loss", "accuracy"), accelerator=acc
     ) as bar:
         while step < cfg.max_steps:
             module.train()
+            guard.step, mark, bad = step + 1, len(window), guard.total
             micro = split_micro_batches(cursor.next_indices(), cfg.gradient_accumulation_steps)
             for i, idx in enumerate(micro):
                 batch = collate_preferences([train_ex[j] for j in idx], pad_id)
@@ -272,18 +274,23 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                     acc.backward(loss / len(micro))
                 window.append(stats)
                 pairs += len(idx)
-            grad_norm = optimizer_step(acc, module, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(
+                acc, module, optimizer, scheduler, cfg.max_grad_norm, guard, loss.detach()
+            )
             step += 1
             window_steps += 1
+            if guard.total > bad:  # skipped: its non-finite statistics stay out of the means
+                del window[mark:]
 
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
-                metrics = summarize(window, acc)
+                metrics = summarize(window, acc) if window else {}  # empty: all skipped
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 metrics["examples_per_s"] = pairs * acc.num_processes / max(elapsed, 1e-9)
                 metrics["s_per_step"] = elapsed / window_steps
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
+                metrics.update(guard.metrics())
                 run.log(step, metrics)
                 bar.update(step, metrics)
                 final.update(metrics)
@@ -300,16 +307,17 @@ def train(cfg: RewardConfig) -> dict[str, float]:
                     models={CHECKPOINT_MODEL_NAME: trainable_state_dict(rm) if rm.is_peft else rm},
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    states={"cursor": cursor.state_dict()},
+                    states={
+                        "cursor": cursor.state_dict(),
+                        "guard": guard.state_dict(),
+                        "log_window": {"stats": window, "pairs": pairs, "steps": window_steps},
+                    },
                 )
 
     if cfg.normalization_samples:
         rm.normalization = reward_normalization(
             module, train_ex[: cfg.normalization_samples], cfg.micro_batch_size, pad_id
         )
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        rm.save(run.path / REWARD_MODEL_DIR)
-    acc.wait_for_everyone()
+    run.write_final(rm.save, models={CHECKPOINT_MODEL_NAME: rm}, name=REWARD_MODEL_DIR)
     run.close()
     return final

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tether.core.controllers import KLController, make_controller
+from tether.core.controllers import KLController, check_horizon, make_controller
 from tether.core.kl import (
     Estimator,
     anchored_ref_logp,
@@ -47,8 +48,10 @@ from tether.core.kl import (
 from tether.core.losses import truncated_importance_weights
 from tether.core.masked import masked_mean, masked_sum
 from tether.data import PromptExample, load_prompt_dataset
+from tether.errors import TetherWarning
 from tether.models import SamplingConfig, ValueHead, forward_logprobs, generate
 from tether.models.generation import sample_seeds
+from tether.models.loading import check_generation_fits
 from tether.models.logprobs import unwrap_model
 from tether.models.numerics import (
     check_fp32_weights,
@@ -60,8 +63,8 @@ from tether.models.numerics import (
 )
 from tether.models.rollout import SHARDED, RolloutWeights, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
-from tether.rewards import RewardFn, make_reward, validate_rewards
-from tether.runs import Progress, RunDir
+from tether.rewards import RewardFn, call_reward, make_reward
+from tether.runs import Progress
 from tether.runs.config import option
 from tether.train.common import (
     DataCursor,
@@ -75,8 +78,10 @@ from tether.train.common import (
     resolve_mixed_precision,
     save_policy_to,
     split_heldout_prompts,
+    start_run,
 )
 from tether.train.distributed import Dist, MetricSums, check_same
+from tether.train.guards import KLWatch, StepGuard, UpdateSnapshot, all_finite
 
 KLPlacement = Literal["reward", "loss", "none"]
 
@@ -121,13 +126,30 @@ class RLConfig(SamplingTrainConfig):
         "policy-gradient term by min(π_train/π_sampler, tis_cap) (null: off; 2 is common).",
     )
     learning_rate: float = option(1e-6, help="AdamW peak learning rate.")
+    kl_max: float | None = option(
+        None,
+        help="KL ceiling (nats per response, kl_estimator's units): an update after which the "
+        "policy's KL to the reference exceeds it is rolled back and logged (null: off).",
+    )
+    kl_warn_factor: float = option(
+        3.0,
+        help="Warn when the measured KL stays above this × kl_target for kl_warn_iterations "
+        "updates while β does not move (0: off).",
+    )
+    kl_warn_iterations: int = option(5, help="Updates in a row for the kl_warn_factor warning.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_generations < 1 or self.max_new_tokens < 1:
-            raise ValueError("num_generations and max_new_tokens must be ≥ 1")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be ≥ 0, got {self.kl_coef}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be ≥ 1, got {self.num_generations}")
+        if not 0 <= self.kl_coef < math.inf:
+            raise ValueError(f"kl_coef must be a finite number ≥ 0, got {self.kl_coef}")
+        for name in ("kl_target", "kl_horizon"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("pid_kp", "pid_ki", "pid_kd"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
         if self.kl_in == "loss" and self.kl_estimator not in ("k1", "k3"):
             raise ValueError(
                 f"kl_in=loss needs kl_estimator k1 or k3 (with the importance weight their "
@@ -136,11 +158,33 @@ class RLConfig(SamplingTrainConfig):
         if self.kl_controller != "fixed" and self.kl_in == "none":
             raise ValueError("kl_controller adapts β, but kl_in=none applies no KL penalty")
         if self.kl_controller == "adaptive" and self.kl_coef <= 0:
-            raise ValueError("the adaptive controller multiplies β: kl_coef must be > 0")
+            raise ValueError(
+                f"kl_coef must be > 0 with kl_controller=adaptive (it multiplies β), "
+                f"got {self.kl_coef}"
+            )
+        if self.kl_controller == "adaptive" and self.kl_in != "none":
+            # n_steps is global (× processes): AdaptiveKL.update checks that at the first step.
+            check_horizon(
+                self.kl_horizon,
+                self.rollout_size,
+                name="kl_horizon",
+                steps="batch_size·num_generations",
+                note="the samples per update of one process; N processes need N times more",
+            )
         if self.exact_kl_samples < 0:
-            raise ValueError("exact_kl_samples must be ≥ 0")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ValueError(f"tis_cap must be > 0 (or null: off), got {self.tis_cap}")
+            raise ValueError(f"exact_kl_samples must be ≥ 0, got {self.exact_kl_samples}")
+        if self.tis_cap is not None and not 0 < self.tis_cap < math.inf:
+            raise ValueError(
+                f"tis_cap must be a finite number > 0 or null (off), got {self.tis_cap}"
+            )
+        if self.kl_max is not None and not 0 < self.kl_max < math.inf:
+            raise ValueError(f"kl_max must be a finite number > 0 or null (off), got {self.kl_max}")
+        if not 0 <= self.kl_warn_factor < math.inf:
+            raise ValueError(
+                f"kl_warn_factor must be a finite number ≥ 0 (0: off), got {self.kl_warn_factor}"
+            )
+        if self.kl_warn_iterations < 1:
+            raise ValueError(f"kl_warn_iterations must be ≥ 1, got {self.kl_warn_iterations}")
 
     @property
     def rollout_size(self) -> int:
@@ -314,6 +358,7 @@ def collect(
     sampler_weights: RolloutWeights | None = None,
     seeds: list[int] | None = None,
     synced_processes: bool = False,
+    step: int | None = None,
 ) -> Experience:
     """Sample G completions per prompt, score them, and measure the KL to the reference.
 
@@ -328,6 +373,7 @@ def collect(
     half-precision copy of the weights is refreshed and draws the tokens; the behaviour
     log-probs still come from ``model``. With ``seeds`` (one per sequence, :func:`sample_seeds`)
     each sequence is sampled from its own generator, independently of the batch and the process.
+    ``step`` (the training step) is named in reward errors (:func:`tether.rewards.call_reward`).
     """
     prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
     if seeds is not None and len(seeds) != len(prompt_ids):
@@ -354,12 +400,14 @@ def collect(
     resp = rollout.response_mask
     completions = _decode(tokenizer, rollout.response_ids, resp)
     t1 = time.perf_counter()
-    rewards = validate_rewards(
-        reward_fn(prompts, completions),
-        len(completions),
+    rewards = call_reward(
+        reward_fn,
+        prompts,
+        completions,
         cfg.reward,
+        step=step,
+        rows=[e.index for e in examples for _ in range(cfg.num_generations)],
         on_invalid=cfg.reward_on_invalid,
-        completions=completions,
     )
     reward_s = time.perf_counter() - t1
     device = rollout.input_ids.device
@@ -607,16 +655,25 @@ def aggregation_denominator(mode: str, mask: Tensor, dist: Dist | None = None) -
     """The count :func:`tether.core.masked.aggregate` divides by for a whole mini-batch, so that
     its micro-batches' losses add up to the mini-batch loss; with ``dist``, the count over every
     process's share of the mini-batch (multiply the loss by ``dist.grad_scale`` before backward:
-    gradients are averaged over processes)."""
+    gradients are averaged over processes).
+
+    ``token_mean``: the response tokens; ``seq_mean`` and ``seq_sum``: the sequences with at least
+    one response token (a sample skipped for an invalid reward has none and is not counted). The
+    local counts are summed over processes first, then clamped to ≥ 1 (a mini-batch with nothing
+    to count has a zero loss; the denominator only has to be positive and the same everywhere).
+
+    Args:
+        mode: the aggregation (``"token_mean" | "seq_mean" | "seq_sum"``).
+        mask: (n, R) bool response mask of this process's rows of the mini-batch.
+        dist: the process group (None: one process).
+    """
     if mode == "token_mean":
         count = float(mask.sum())
-    elif mode == "seq_mean":
-        count = float(mask.any(-1).sum())
     else:
-        count = float(mask.shape[0])
+        count = float(mask.any(-1).sum())  # (n, R) → non-empty rows
     if dist is not None:
         count = dist.sum_floats(count)[0]
-    return count if mode == "seq_sum" else max(count, 1.0)
+    return max(count, 1.0)
 
 
 def update_metrics(
@@ -649,9 +706,66 @@ class RLSession:
     dist: Dist = field(default_factory=Dist)
     """The process group: reductions of the update's batch statistics (see
     :mod:`tether.train.distributed`)."""
+    guard: StepGuard | None = None
+    """Skips non-finite optimizer steps (:func:`tether.train.guards.guarded_optimizer_step`)."""
 
 
 UpdateFn = Callable[[RLSession, Experience, float, int], dict[str, float]]
+
+
+@torch.no_grad()
+def post_update_kl(sess: RLSession, exp: Experience) -> float:
+    """KL(π_θ‖π_ref) of the updated policy in nats per response (the controller's units),
+    estimated on the rollout: per token ρ·k3 with ρ = π_θ/π_old (:func:`tether.core.kl.loss_term`:
+    unbiased for each token's KL off-policy; the prefixes are π_old's), summed over each response
+    and averaged over the valid responses of every process."""
+    cfg, module = sess.cfg, sess.module
+    rows = torch.arange(exp.size, device=exp.input_ids.device)
+    chunk = max(1, exp.size // cfg.gradient_accumulation_steps)
+    total = 0.0
+    was = module.training
+    module.eval()
+    try:
+        for start in range(0, exp.size, chunk):
+            idx = rows[start : start + chunk]
+            with sess.accelerator.autocast():
+                logp, _, _ = module(**exp.rows(idx), temperature=cfg.temperature)
+            mask = exp.response_mask[idx]
+            per_token = kl_loss(
+                logp.float(),
+                exp.ref_logprobs[idx],
+                exp.old_logprobs[idx],
+                "k3",
+                mask,
+                None if exp.kl_logprobs is None else exp.kl_logprobs[idx],
+            )
+            total += float(masked_sum(per_token, mask))
+    finally:
+        module.train(was)
+    kl_sum, n = sess.dist.sum_floats(total, float(exp.valid.sum()))
+    return kl_sum / max(n, 1.0)
+
+
+def kl_ceiling(
+    sess: RLSession, exp: Experience, snapshot: UpdateSnapshot, step: int
+) -> dict[str, float]:
+    """``kl_max``: measure the updated policy's KL to the reference (:func:`post_update_kl`) and
+    roll the update back (parameters, optimizer and LR schedule) when it exceeds the ceiling or
+    is not finite. The same decision on every process (the KL is reduced)."""
+    kl = post_update_kl(sess, exp)
+    limit = sess.cfg.kl_max
+    assert limit is not None
+    out = {"kl/after_update": kl, "kl_max/rolled_back": 0.0}
+    if not kl <= limit:
+        snapshot.restore()
+        out["kl_max/rolled_back"] = 1.0
+        warnings.warn(
+            f"step {step}: the update took the KL to the reference to {kl:.4g} nats > "
+            f"kl_max={limit:g}; rolled back (parameters, optimizer and LR schedule as before it)",
+            TetherWarning,
+            stacklevel=2,
+        )
+    return out
 
 
 def train_loop(
@@ -693,9 +807,13 @@ def train_loop(
             fills ``experience.old_logprobs`` from its first forward (one on-policy step).
     """
     states = dict(states or {})
-    reward_fn = make_reward_fn(cfg)
     acc = make_accelerator(cfg)
+    run = start_run(cfg, acc)
+    reward_fn = make_reward_fn(cfg)
     policy = load_trainable_policy(cfg)
+    check_generation_fits(
+        policy.model, cfg.max_prompt_length, cfg.max_new_tokens, model_name=cfg.model
+    )
     tok = policy.tokenizer
     data, eval_prompts = split_heldout_prompts(
         cfg, tok, load_prompts(cfg, tok), cfg.batch_size * acc.num_processes
@@ -722,14 +840,22 @@ def train_loop(
         optimizer = make_optimizer(module, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * optimizer_steps_per_iteration)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
-    run = RunDir.from_config(cfg, acc)
+    guard = StepGuard(cfg.max_bad_steps, run.path)
+    watch = KLWatch(cfg.kl_target, cfg.kl_warn_factor, cfg.kl_warn_iterations, None)
     models: dict[str, Any] = {"policy": model}
     if head is not None:
         models["value_head"] = head
     step, restored = run.restore(models=models, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
     evaluator = make_evaluator(cfg, tok, eval_prompts, cfg.reward, run.path, acc)
-    stateful = {"cursor": cursor, "reference": reference, "kl_controller": controller, **states}
+    stateful = {
+        "cursor": cursor,
+        "reference": reference,
+        "kl_controller": controller,
+        "guard": guard,
+        "kl_watch": watch,
+        **states,
+    }
     if evaluator is not None:
         stateful["evaluator"] = evaluator
     if restored:
@@ -737,7 +863,7 @@ def train_loop(
             if name in restored:  # (a run resumed with held-out evaluation newly turned on)
                 obj.load_state_dict(restored[name])
     dist = Dist(acc)
-    session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference, dist)
+    session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference, dist, guard)
     sharded = str(acc.distributed_type) in SHARDED
     sampler_weights = rollout_weights(
         model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision), sharded=sharded
@@ -757,6 +883,7 @@ def train_loop(
                 bar.exclude(final["eval/seconds"])
         while step < cfg.max_steps:
             t0 = time.perf_counter()
+            guard.step = step + 1
             examples = [data[i] for i in cursor.next_indices()]
             n_local = cfg.rollout_size
             exp = collect(
@@ -772,6 +899,7 @@ def train_loop(
                 sampler_weights=sampler_weights,
                 seeds=sample_seeds(cfg.seed, step, dist.rank * n_local, n_local),
                 synced_processes=sharded,
+                step=step + 1,
             )
             beta = controller.beta
             sums = exp.sums
@@ -789,7 +917,16 @@ def train_loop(
                 if exact.tokens:
                     sums.ratio("entropy", exact.entropy * exact.tokens, exact.tokens)
             metrics = {"beta": beta}
-            metrics.update(update(session, exp, beta, step))
+            rollout_ok = all_finite(acc, exp.scores[exp.valid], exp.kl)
+            if rollout_ok:
+                snapshot = (
+                    UpdateSnapshot(module, optimizer, scheduler) if cfg.kl_max is not None else None
+                )
+                metrics.update(update(session, exp, beta, step))
+                if snapshot is not None:
+                    metrics.update(kl_ceiling(session, exp, snapshot, step + 1))
+            else:
+                guard.skip("a non-finite reward or KL in the rollout")
             if exp.kl is None:  # the update supplied the behaviour log-probs
                 kl_sums(exp, cfg.kl_estimator, sums)
             if exact is not None and exact.rows.numel():
@@ -797,11 +934,15 @@ def train_loop(
                 sums.ratio("kl/k3_minus_exact", floor.sum(), float(floor.numel()))
             reduced = sums.reduce(dist)  # every process: the global rollout's statistics
             metrics.update(finish_stats(reduced))
-            if after_update is not None:
+            if after_update is not None and rollout_ok:
                 after_update(session, exp, metrics)
-            controller.update(
-                max(metrics[f"kl/{cfg.kl_estimator}"], 0.0), n_steps=n_local * dist.world
-            )
+            observed = metrics[f"kl/{cfg.kl_estimator}"]
+            if math.isfinite(observed):
+                controller.update(max(observed, 0.0), n_steps=n_local * dist.world)
+                watch.observe(step + 1, observed, controller.beta)
+            elif rollout_ok:  # the update filled in a non-finite behaviour KL
+                guard.skip("a non-finite KL to the reference")
+            metrics.update(guard.metrics())
             step += 1
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["s_per_step"] = time.perf_counter() - t0
@@ -831,9 +972,6 @@ def train_loop(
                 )
             if stop:
                 break
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        model.save_pretrained(run.path / "final")
-        tok.save_pretrained(run.path / "final")
+    run.write_final(save_best, models={"policy": model})
     run.close()
     return final

@@ -30,6 +30,7 @@ step (as one process would on the whole rollout).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -87,14 +88,23 @@ class TRPOConfig(RLConfig):
                 "TRPO keeps the reference KL in the reward (kl_in=reward) or drops it (none); "
                 "its update has no loss to add a KL term to"
             )
-        if self.max_kl <= 0 or self.cg_iters < 1 or self.cg_damping < 0:
-            raise ValueError("need max_kl > 0, cg_iters ≥ 1 and cg_damping ≥ 0")
-        if not 0 < self.backtrack_ratio < 1 or self.max_backtracks < 1:
-            raise ValueError("need 0 < backtrack_ratio < 1 and max_backtracks ≥ 1")
+        if not 0 < self.max_kl < math.inf:
+            raise ValueError(f"max_kl must be a finite number > 0, got {self.max_kl}")
+        if not 0 <= self.cg_damping < math.inf:
+            raise ValueError(f"cg_damping must be a finite number ≥ 0, got {self.cg_damping}")
+        if not 0 < self.backtrack_ratio < 1:
+            raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
+        for name in ("cg_iters", "max_backtracks", "vf_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.advantage != "gae" and self.num_generations < 2:
-            raise ValueError(f"advantage={self.advantage} needs num_generations ≥ 2")
-        if self.vf_iters < 1:
-            raise ValueError("vf_iters must be ≥ 1")
+            raise ValueError(
+                f"num_generations must be ≥ 2 with advantage={self.advantage} (a group "
+                f"baseline), got {self.num_generations}"
+            )
 
     @property
     def algorithm(self) -> str:
@@ -112,7 +122,11 @@ def trpo_advantages(
     else:
         seq = sequence_rewards(exp, beta, cfg.kl_in)
         g = cfg.num_generations
-        per_seq = leave_one_out(seq, g) if cfg.advantage == "rloo" else group_relative(seq, g)
+        per_seq = (  # over each group's valid members (a skipped sample gets 0)
+            leave_one_out(seq, g, valid=exp.valid)
+            if cfg.advantage == "rloo"
+            else group_relative(seq, g, valid=exp.valid)
+        )
         adv, ret = torch.where(exp.response_mask, per_seq[:, None], 0.0), None
     if cfg.whiten_advantages:
         adv = whiten_advantages(adv, exp.response_mask, reduce=None if dist is None else dist.sum)
@@ -215,6 +229,14 @@ def trpo_policy_step(
                 )
     finally:
         model.train(was)
+    guard = getattr(sess, "guard", None)
+    if guard is not None:
+        # a non-finite direction is never accepted by the line search (the parameters are
+        # restored); the guard counts it, and stops a run that only produces such steps
+        if math.isfinite(expected) and math.isfinite(surrogate_old):
+            guard.good()
+        else:
+            guard.skip("a non-finite natural-gradient step (surrogate or its gradient)")
     return {
         "trpo/accepted": float(res.accepted),
         "trpo/step_fraction": res.step_fraction,
