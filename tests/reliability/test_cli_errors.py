@@ -310,3 +310,19 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "train_data" in out.stderr
+
+
+@pytest.mark.parametrize("algo", ["grpo", "online_dpo"])
+def test_a_rollout_longer_than_the_context_is_refused(algo, tiny_dir, prompts, tmp_path, capsys):
+    """max_prompt_length + max_new_tokens past the model's 1024 positions: named, exit 2."""
+    argv = [
+        "train",
+        algo,
+        f"model={tiny_dir}",
+        f"prompts={prompts}",
+        f"output_dir={tmp_path / 'r'}",
+        "max_prompt_length=1000",
+        "max_new_tokens=100",
+    ]
+    code, err = run_cli(argv, capsys)
+    assert_clean(code, err, "max_prompt_length (1000) + max_new_tokens (100) = 1100", "1024")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tether.lab.bon import bon_curve, bon_kl_mc
 from tether.lab.cache import load_cached, save_cached
-from tether.rewards import RewardFn, validate_rewards
+from tether.rewards import RewardFn, call_reward
 
 if TYPE_CHECKING:
     from tether.lab.pool import Pool
@@ -62,7 +62,7 @@ def bon_arm(
     if done is not None:
         return done
     flat_prompts, texts = pool.flat()
-    v = validate_rewards(proxy(flat_prompts, texts), len(texts), proxy_name, completions=texts)
+    v = call_reward(proxy, flat_prompts, texts, proxy_name, stage="the lab's best-of-n arm")
     k = pool.k
     scores = [list(v.values[i * k : (i + 1) * k]) for i in range(len(pool.prompts))]
     points = []

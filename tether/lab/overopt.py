@@ -57,7 +57,7 @@ from tether.lab.config import PROXY_NAME, LabConfig
 from tether.lab.fits import fit_gao
 from tether.lab.pool import Pool, gold_pairs, sample_pool, write_pairs, write_prompts
 from tether.lab.results import RESULTS_FILE, RESULTS_SCHEMA, validate_results
-from tether.rewards import make_reward, validate_rewards
+from tether.rewards import call_reward, make_reward
 from tether.rewards.ensemble import save_ensemble
 from tether.runs.config import config_to_dict, save_config
 
@@ -365,12 +365,14 @@ class Lab:
         info: dict[str, Any] = {}
         for name, spec in proxies.items():
             fn = make_reward(str(spec))
-            scores = validate_rewards(fn(flat_prompts, texts), len(texts), name).values
-            chosen = validate_rewards(
-                fn([p.prompt for p in held], [p.chosen for p in held]), len(held), name
+            stage = "the lab's proxy quality"
+            scores = call_reward(fn, flat_prompts, texts, name, stage=stage).values
+            held_prompts = [p.prompt for p in held]
+            chosen = call_reward(
+                fn, held_prompts, [p.chosen for p in held], name, stage=stage
             ).values
-            rejected = validate_rewards(
-                fn([p.prompt for p in held], [p.rejected for p in held]), len(held), name
+            rejected = call_reward(
+                fn, held_prompts, [p.rejected for p in held], name, stage=stage
             ).values
             m = PROXY_NAME.match(name)
             assert m is not None
@@ -416,7 +418,9 @@ class Lab:
         if load_cached(meta, request) is not None and path.is_file():
             return path
         flat_prompts, texts = pool.flat()
-        scores = validate_rewards(make_reward(str(spec))(flat_prompts, texts), len(texts), proxy)
+        scores = call_reward(
+            make_reward(str(spec)), flat_prompts, texts, proxy, stage="the lab's proxy scoring"
+        )
         k = pool.k
         labelled = Pool(
             pool.prompts,

@@ -26,7 +26,7 @@ from typing import Any
 from tether.bon import sample_texts
 from tether.lab.cache import load_cached, save_cached
 from tether.models.generation import SamplingConfig
-from tether.rewards import RewardFn, validate_rewards
+from tether.rewards import RewardFn, call_reward
 from tether.runs import Progress
 
 
@@ -93,9 +93,7 @@ def sample_pool(
                 )
                 bar.update(len(texts), {"samples": len(texts)})  # a plain line per batch
         flat_prompts = [p for p in prompts for _ in range(k)]
-        values = validate_rewards(
-            gold(flat_prompts, texts), len(texts), gold_name, completions=texts
-        )
+        values = call_reward(gold, flat_prompts, texts, gold_name, stage="the lab's gold scoring")
         rows = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
         golds = [list(values.values[i * k : (i + 1) * k]) for i in range(len(prompts))]
         saved = save_cached(path, "pool", request, completions=rows, gold=golds)

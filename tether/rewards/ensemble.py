@@ -29,7 +29,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from tether.rewards.base import RewardFn, validate_rewards
+from tether.rewards.base import RewardFn, call_reward
 
 Combine = Literal["mean", "worst", "uwo"]
 COMBINE_MODES: tuple[str, ...] = get_args(Combine)
@@ -87,7 +87,7 @@ class EnsembleReward:
         """(k, N) float64 rewards of every member."""
         rows = []
         for fn, name in zip(self.members, self.names, strict=True):
-            v = validate_rewards(fn(prompts, completions), len(completions), name)
+            v = call_reward(fn, prompts, completions, name, stage="ensemble member")
             rows.append(np.asarray(v.values, dtype=np.float64))
         return np.stack(rows) if rows else np.zeros((0, len(completions)))
 
