@@ -353,12 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print library versions and devices (for bug reports)")
     env.set_defaults(func=_env)
 
+    from tether.runs.registry import algorithms_help
+
     train = sub.add_parser(
         "train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=algorithms_help()
+        + "\n\nALGO --help-config lists the algorithm's config fields; see README 'Reliability' "
+        "for resume, overwrite and resume_override.",
         help="train with an algorithm: tether train ALGO --config r.yaml [key=value ...]",
-        description="Train with ALGO. The config is the algorithm's defaults, then the YAML file, "
-        "then the key=value overrides in order (dotted keys reach nested configs; values are "
-        "parsed as YAML: lr=1e-5, peft=null, tags=[a,b]).",
+        description="Train with ALGO. The config is the algorithm's defaults, then the YAML\n"
+        "file, then the key=value overrides in order (dotted keys reach nested configs;\n"
+        "values are parsed as YAML: lr=1e-5, peft=null, tags=[a,b]).",
     )
     train.add_argument("algo", metavar="ALGO", help="the algorithm (an unknown name lists them)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

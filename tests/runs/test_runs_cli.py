@@ -193,3 +193,31 @@ def test_plot_cli(tmp_path, capsys):
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "phase": "x"}\n')
     assert main(["plot", str(tmp_path / "empty")]) == 2
     assert "holds no numeric metrics" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_algorithm_without_loading_torch():
+    """`tether train --help` lists each algorithm with its one line; building the parser (and
+    so `tether --help`) imports neither torch nor a trainer."""
+    import subprocess
+    import sys
+
+    from tether.runs.registry import SUMMARIES, TRAINERS
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in TRAINERS:
+        if name in SUMMARIES:  # (a test may register one without a summary)
+            assert f"  {name}" in out and SUMMARIES[name] in out, name
+    probe = (
+        "import sys; from tether.cli import build_parser; build_parser(); "
+        "heavy = ('torch', 'transformers', 'tether.train.dpo'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"

@@ -9,29 +9,74 @@
 * :mod:`tether.runs.registry` — the algorithms ``tether train`` dispatches to.
 """
 
-from tether.runs.checkpoint import (
-    checkpoint_name,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    trainable_state_dict,
-)
-from tether.runs.config import (
-    ConfigError,
-    RunConfig,
-    check_config_class,
-    config_to_dict,
-    describe_config,
-    dump_config,
-    load_config,
-    option,
-    save_config,
-)
-from tether.runs.plot import metric_group, plot_run
-from tether.runs.progress import Progress
-from tether.runs.registry import TRAINERS, UnknownTrainerError, get_trainer, register_trainer
-from tether.runs.rundir import RunDir, read_metrics
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "checkpoint": (
+        "checkpoint_name",
+        "latest_checkpoint",
+        "list_checkpoints",
+        "load_checkpoint",
+        "save_checkpoint",
+        "trainable_state_dict",
+    ),
+    "config": (
+        "ConfigError",
+        "RunConfig",
+        "check_config_class",
+        "config_to_dict",
+        "describe_config",
+        "dump_config",
+        "load_config",
+        "option",
+        "save_config",
+    ),
+    "plot": ("metric_group", "plot_run"),
+    "progress": ("Progress",),
+    "registry": ("TRAINERS", "UnknownTrainerError", "get_trainer", "register_trainer"),
+    "rundir": ("RunDir", "read_metrics"),
+}
+"""Public name → the submodule that defines it. Imported on first use (PEP 562), so that
+``tether --help`` and ``tether train --help`` do not pay for torch."""
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tether.runs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tether.runs.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from tether.runs.checkpoint import (
+        checkpoint_name,
+        latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+        trainable_state_dict,
+    )
+    from tether.runs.config import (
+        ConfigError,
+        RunConfig,
+        check_config_class,
+        config_to_dict,
+        describe_config,
+        dump_config,
+        load_config,
+        option,
+        save_config,
+    )
+    from tether.runs.plot import metric_group, plot_run
+    from tether.runs.progress import Progress
+    from tether.runs.registry import TRAINERS, UnknownTrainerError, get_trainer, register_trainer
+    from tether.runs.rundir import RunDir, read_metrics
 
 __all__ = [
     "TRAINERS",

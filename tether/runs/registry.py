@@ -38,13 +38,38 @@ class UnknownTrainerError(TetherError, KeyError):
         return str(self.args[0])
 
 
-def register_trainer(name: str, loader: TrainerLoader) -> None:
-    """Add an algorithm to :data:`TRAINERS`; a name already taken is an error."""
+SUMMARIES: dict[str, str] = {
+    "dpo": "offline DPO family (sigmoid, IPO, hinge, robust, χ²PO, …) on preference pairs",
+    "reward": "Bradley–Terry reward model on preference pairs",
+    "online_dpo": "online DPO: pairs sampled from the policy, ranked by a judge reward",
+    "ppo": "PPO with a critic and a KL penalty (fixed, adaptive or PID β)",
+    "ppo_penalty": "PPO-penalty: the KL to π_old as a penalty with PPO's β rule, no clipping",
+    "grpo": "GRPO: group-relative advantages over G samples per prompt, no critic",
+    "rloo": "RLOO: leave-one-out baselines over G samples per prompt",
+    "trpo": "TRPO for LMs: natural-gradient steps inside a KL trust region",
+}
+"""Algorithm name → one line for ``tether train --help`` (no trainer module is imported)."""
+
+
+def register_trainer(name: str, loader: TrainerLoader, summary: str = "") -> None:
+    """Add an algorithm to :data:`TRAINERS` (and its one-line ``summary`` to
+    :data:`SUMMARIES`); a name already taken is an error."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"trainer name {name!r} must be letters, digits, '_' or '-'")
     if name in TRAINERS:
         raise ValueError(f"a trainer named {name!r} is already registered")
     TRAINERS[name] = loader
+    if summary:
+        SUMMARIES[name] = summary
+
+
+def algorithms_help() -> str:
+    """Every registered algorithm with its one line, for ``tether train --help``."""
+    width = max((len(n) for n in TRAINERS), default=0)
+    lines = ["algorithms:"]
+    for name in TRAINERS:
+        lines.append(f"  {name:<{width}}  {SUMMARIES.get(name, '')}".rstrip())
+    return "\n".join(lines)
 
 
 def get_trainer(name: str) -> TrainerSpec:
