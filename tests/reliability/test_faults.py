@@ -528,3 +528,50 @@ def test_sigkill_then_resume_is_bit_identical(when, tiny_dir, prefs, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(weights(run), weights(full))
     assert losses(run) == losses(full)
+
+
+# ------------------------------------------------------------------------------------------------
+# Control trainers: the same guard
+# ------------------------------------------------------------------------------------------------
+
+
+def _nan_value_loss(monkeypatch, bad_calls: set[int] | None):
+    import tether.control.algorithms as algorithms
+
+    real = algorithms.value_loss
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        loss, extra = real(*args, **kwargs)
+        calls["n"] += 1
+        bad = bad_calls is None or calls["n"] in bad_calls
+        return (loss * math.nan if bad else loss), extra
+
+    monkeypatch.setattr(algorithms, "value_loss", patched)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+def test_control_skips_non_finite_updates_and_stops_at_max_bad_steps(algo, tmp_path, monkeypatch):
+    pytest.importorskip("gymnasium")
+    from tether.control import ALGORITHMS, train
+    from tether.runs.config import load_config
+
+    def config(out, **kw):
+        overrides = [f"output_dir={out}", "n_envs=2", "n_steps=32", "max_steps=3", "save_steps=1"]
+        overrides += ["eval_episodes=0"] + [f"{k}={v}" for k, v in kw.items()]
+        if algo == "ppo":
+            overrides += ["batch_size=32", "n_epochs=1"]
+        return load_config(ALGORITHMS[algo], None, overrides)
+
+    with monkeypatch.context() as m:
+        _nan_value_loss(m, {1})  # one minibatch update of the first rollout
+        with pytest.warns(TetherWarning, match="step 1: 1 updates with a non-finite loss"):
+            train(config(tmp_path / "once"))
+    rows = read_metrics(tmp_path / "once")
+    assert [r["bad_steps"] for r in rows] == [1.0, 1.0, 1.0]
+    _all_finite(tmp_path / "once")
+    with monkeypatch.context() as m:
+        _nan_value_loss(m, None)  # every update
+        with pytest.warns(TetherWarning), pytest.raises(NumericalError, match="stopped at step 2"):
+            train(config(tmp_path / "always", max_bad_steps=2))
+    _all_finite(tmp_path / "always")

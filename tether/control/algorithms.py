@@ -14,6 +14,7 @@ The losses are :mod:`tether.core.losses`' (``ppo_clip_loss``, ``ppo_penalty_loss
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,24 @@ def _col(x: Tensor) -> Tensor:
     return x.reshape(-1, 1)
 
 
+def step_if_finite(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loss: Tensor,
+    max_grad_norm: float | None,
+) -> bool:
+    """Clip the gradient norm (if configured) and step — unless the loss or the gradient norm is
+    not finite: then the gradients are dropped and nothing steps (returns False). With clipping
+    off the norm is still measured (clipping at +inf scales the gradients by exactly 1)."""
+    clip = max_grad_norm if max_grad_norm is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    if not (bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(norm))):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 def sgd_update(
     policy: ControlPolicy,
     optimizer: torch.optim.Optimizer,
@@ -168,8 +187,9 @@ def sgd_update(
     target_kl = getattr(cfg, "target_kl", None)
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
     kls: list[float] = []
-    updates, stopped = 0, False
+    updates, skipped, stopped = 0, 0, False
     epochs_done = 0
+    params = list(policy.parameters())
     for _ in range(cfg.n_epochs):
         perm = torch.randperm(n)
         for start in range(0, n - bs + 1, bs):  # full minibatches only (a ragged tail is dropped)
@@ -201,9 +221,9 @@ def sgd_update(
             loss = out.loss + cfg.vf_coef * vloss - cfg.ent_coef * entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm, foreach=True)
-            optimizer.step()
+            if not step_if_finite(optimizer, params, loss, cfg.max_grad_norm):
+                skipped += 1  # a non-finite loss or gradient: this minibatch is not taken
+                continue
             updates += 1
             kls.append(kl)
             sums["policy_loss"] += float(out.loss.detach())
@@ -217,6 +237,7 @@ def sgd_update(
     metrics.update(
         approx_kl=float(np.mean(kls)) if kls else 0.0,
         n_updates=float(updates),
+        skipped_updates=float(skipped),
         epochs=float(epochs_done),
         early_stop=float(stopped),
     )
@@ -291,7 +312,8 @@ def trpo_update(
         backtrack=cfg.backtrack_ratio,
         max_backtracks=cfg.max_backtracks,
     )
-    vsum, vn = 0.0, 0
+    vsum, vn, skipped = 0.0, 0, 0
+    value_params = list(policy.value_parameters())
     n = batch.size
     for _ in range(cfg.vf_iters):
         perm = torch.randperm(n)
@@ -304,11 +326,9 @@ def trpo_update(
             )
             vf_optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    policy.value_parameters(), cfg.max_grad_norm, foreach=True
-                )
-            vf_optimizer.step()
+            if not step_if_finite(vf_optimizer, value_params, loss, cfg.max_grad_norm):
+                skipped += 1
+                continue
             vsum += float(loss.detach())
             vn += 1
     return {
@@ -320,5 +340,6 @@ def trpo_update(
         "kl_old_new": kl_old_new(policy, batch),
         "trpo/line_search_kl": result.kl,
         "value_loss": vsum / max(vn, 1),
+        "skipped_updates": float(skipped),
         "entropy": float(policy.dist(batch.obs).entropy().mean().detach()),
     }

@@ -57,10 +57,15 @@ class ControlConfig(RunConfig):
         10, help="Deterministic evaluation episodes at the end (logged as eval_return)."
     )
     torch_threads: int = option(1, help="torch threads (1 is fastest for small MLPs).")
+    max_bad_steps: int = option(
+        10,
+        help="An update with a non-finite loss or gradient norm is skipped (bad_steps); this "
+        "many rollouts in a row with skipped updates stop the run, its last checkpoint kept.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_envs", "n_steps", "return_window", "torch_threads"):
+        for name in ("n_envs", "n_steps", "return_window", "torch_threads", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("total_timesteps", "eval_episodes"):

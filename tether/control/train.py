@@ -11,6 +11,7 @@ starts fresh episodes (seeded by the iteration) rather than continuing the inter
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -40,6 +41,7 @@ from tether.control.policy import ControlPolicy
 from tether.core.controllers import PPOPenaltyKL
 from tether.runs import RunDir
 from tether.runs.checkpoint import latest_checkpoint, load_checkpoint
+from tether.train.guards import StepGuard
 
 CONTROL_FILE = "control.json"
 ALGORITHMS: dict[str, type[ControlConfig]] = {
@@ -127,7 +129,9 @@ def _train(cfg: ControlConfig, algo: str) -> ControlRun:
         run.path / CONTROL_FILE, {"algorithm": algo, "env": cfg.env, "spec": spec.to_dict()}
     )
     step, states = run.restore(models={"policy": policy}, optimizer=optimizer)
+    guard = StepGuard(cfg.max_bad_steps, run.path)
     if states:
+        guard.load_state_dict(states.get("guard", guard.state_dict()))
         obs_norm.load_state_dict(states["obs_norm"])
         reward_scaler.load_state_dict(states["reward_scaler"])
         if controller is not None:
@@ -166,13 +170,22 @@ def _train(cfg: ControlConfig, algo: str) -> ControlRun:
             assert controller is not None
             beta = controller.beta
             metrics = ppo_penalty_update(policy, optimizer, batch, cfg, beta)
-            controller.update(metrics["kl_old_new"])
+            if math.isfinite(metrics["kl_old_new"]):
+                controller.update(metrics["kl_old_new"])
             metrics["penalty_beta"] = beta
             metrics["penalty_beta_next"] = controller.beta
         else:
             assert isinstance(cfg, TRPOControlConfig)
             metrics = trpo_update(policy, optimizer, batch, cfg)
         step += 1
+        guard.step = step
+        if metrics.get("skipped_updates", 0.0) > 0:
+            guard.skip(
+                f"{int(metrics['skipped_updates'])} updates with a non-finite loss or gradient"
+            )
+        else:
+            guard.good()
+        metrics.update(guard.metrics())
         t2 = time.perf_counter()
         recent = pool.episodes[-cfg.return_window :]
         if recent:
@@ -194,7 +207,7 @@ def _train(cfg: ControlConfig, algo: str) -> ControlRun:
         if step % cfg.logging_steps == 0 or step == cfg.max_steps or reached:
             run.log(step, metrics)
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or reached:
-            _save(run, step, policy, optimizer, obs_norm, reward_scaler, controller, pool)
+            _save(run, step, policy, optimizer, obs_norm, reward_scaler, controller, pool, guard)
     pool.close()
     train_s = time.perf_counter() - t_start
     if cfg.eval_episodes:
@@ -220,11 +233,13 @@ def _save(
     reward_scaler: RewardScaler,
     controller: PPOPenaltyKL | None,
     pool: EnvPool,
+    guard: StepGuard,
 ) -> None:
     states: dict[str, Any] = {
         "obs_norm": obs_norm.state_dict(),
         "reward_scaler": reward_scaler.state_dict(),
         "env_steps": pool.env_steps,
+        "guard": guard.state_dict(),
     }
     if controller is not None:
         states["kl_controller"] = controller.state_dict()
