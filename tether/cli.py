@@ -289,6 +289,9 @@ def _control(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.env:
         overrides.insert(0, f"env={args.env}")
+        if not _sets_output_dir(args.config, overrides):
+            # each --env run gets its own directory, the one the recipes use: runs/control/ALGO-ENV
+            overrides.insert(0, f"output_dir={control_run_dir(args.algo, args.env)}")
     try:
         config = load_config(cls, args.config, overrides)
     except ConfigError as exc:
@@ -305,6 +308,32 @@ def _control(args: argparse.Namespace) -> int:
     shown = ("env_steps", "episode_return", "eval_return", "fps")
     print(" ".join(f"{k}={final[k]:.6g}" for k in shown if k in final))
     return 0
+
+
+def control_run_dir(algo: str, env: str) -> str:
+    """``runs/control/ALGO-ENV`` for ``tether control ALGO --env ENV`` (ENV lower-cased, without
+    its ``-vN`` version and namespace): ppo on CartPole-v1 → ``runs/control/ppo-cartpole``."""
+    name = env.rsplit("/", 1)[-1]
+    base, sep, version = name.rpartition("-v")
+    if sep and version.isdigit():
+        name = base
+    slug = "".join(c if c.isalnum() or c in "_-." else "-" for c in name.lower())
+    return f"runs/control/{algo}-{slug}"
+
+
+def _sets_output_dir(config: str | None, overrides: Sequence[str]) -> bool:
+    """Whether the user chose output_dir: an ``output_dir=`` override or a key in the recipe."""
+    if any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        return True
+    if config is None:
+        return False
+    try:
+        import yaml
+
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_config reports the file's problem
+    return isinstance(data, dict) and "output_dir" in data
 
 
 def _control_eval(args: argparse.Namespace) -> int:
@@ -481,7 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     control.add_argument("algo", metavar="ALGO", help="ppo | ppo_penalty | trpo | eval")
     control.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    control.add_argument("--env", help="gymnasium environment id (same as env=ID)")
+    control.add_argument(
+        "--env",
+        help="gymnasium environment id (env=ID); the run goes to runs/control/ALGO-ENV unless "
+        "output_dir is set",
+    )
     control.add_argument("-c", "--config", metavar="YAML", help="a YAML recipe for ALGO's config")
     control.add_argument("--print-config", action="store_true", help="print the config and exit")
     control.add_argument("--help-config", action="store_true", help="list the config fields")

@@ -289,3 +289,25 @@ def test_control_recipe_loads_and_runs(path, tmp_path):
     argv = ["control", algo, "-c", str(path), f"output_dir={out}", "total_timesteps=0"]
     assert main([*argv, "max_steps=1", "eval_episodes=1"]) == 0
     assert [r["step"] for r in _rows(out)] == [1]
+
+
+def test_env_flag_names_the_run_directory(capsys):
+    """`--env` alone puts each run in runs/control/ALGO-ENV (what the README's eval line reads);
+    an output_dir from an override or the recipe wins."""
+    from tether.cli import control_run_dir
+
+    assert control_run_dir("ppo", "CartPole-v1") == "runs/control/ppo-cartpole"
+    assert control_run_dir("trpo", "ALE/Pong-v5") == "runs/control/trpo-pong"
+    assert control_run_dir("ppo", "Pendulum") == "runs/control/ppo-pendulum"
+
+    def out_dir(argv):
+        assert main(["control", *argv, "--print-config"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return next(line for line in lines if line.startswith("output_dir:")).split(": ", 1)[1]
+
+    assert out_dir(["ppo", "--env", "CartPole-v1"]) == "runs/control/ppo-cartpole"
+    assert out_dir(["trpo", "--env", "Acrobot-v1"]) == "runs/control/trpo-acrobot"
+    assert out_dir(["ppo", "--env", "CartPole-v1", "output_dir=mine"]) == "mine"
+    recipe = str(Path(__file__).parents[2] / "recipes" / "control" / "trpo-pendulum.yaml")
+    assert out_dir(["trpo", "--env", "Pendulum-v1", "-c", recipe]) == "runs/control/trpo-pendulum"
+    assert out_dir(["ppo"]) == "runs/control"  # no --env: the config's default
