@@ -927,7 +927,7 @@ def train_loop(
                     metrics.update(kl_ceiling(session, exp, snapshot, step + 1))
             else:
                 guard.skip("a non-finite reward or KL in the rollout")
-            if exp.kl is None:  # the update supplied the behaviour log-probs
+            if exp.kl is None and rollout_ok:  # the update supplied the behaviour log-probs
                 kl_sums(exp, cfg.kl_estimator, sums)
             if exact is not None and exact.rows.numel():
                 floor = noise_floor_terms(exp, exact.rows, exact.per_response)
@@ -936,7 +936,7 @@ def train_loop(
             metrics.update(finish_stats(reduced))
             if after_update is not None and rollout_ok:
                 after_update(session, exp, metrics)
-            observed = metrics[f"kl/{cfg.kl_estimator}"]
+            observed = metrics.get(f"kl/{cfg.kl_estimator}", math.nan)
             if math.isfinite(observed):
                 controller.update(max(observed, 0.0), n_steps=n_local * dist.world)
                 watch.observe(step + 1, observed, controller.beta)
