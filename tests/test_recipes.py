@@ -104,3 +104,65 @@ def test_accelerate_configs_exist():
     names = {p.name for p in ACCELERATE_CONFIGS}
     assert {"ddp.yaml", "ddp-cpu.yaml", "fsdp.yaml", "fsdp2.yaml", "multi-node.yaml"} <= names
     assert {"deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= names
+
+
+DATA_FIELDS = ("train_data", "eval_data", "prompts", "eval_prompts")
+
+
+@pytest.mark.parametrize("path", RECIPES + LAB_RECIPES, ids=lambda p: p.parent.name + "/" + p.stem)
+def test_recipe_data_paths_resolve_from_any_directory(path, tmp_path, monkeypatch):
+    """`-c /abs/recipes/x.yaml` from elsewhere: the data paths a recipe names resolve against
+    the recipe file (and exist: the quickstart data ships in data/); output_dir stays relative
+    to the working directory."""
+    from tether.lab.config import LabConfig
+
+    cls = LabConfig if path.parent.name == "lab" else get_trainer(path.stem)[0]
+    at_root = load_config(cls, path)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cls, path.resolve())
+    assert cfg.output_dir == at_root.output_dir  # not resolved against the recipe
+    named = [getattr(cfg, f) for f in DATA_FIELDS if isinstance(getattr(cfg, f, None), str)]
+    assert named, f"{path.name} names no data file"
+    for value in named:
+        assert Path(value).is_absolute() and Path(value).is_file(), value
+
+
+def test_recipe_paths_are_shown_relative_to_the_working_directory(monkeypatch):
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    cls, _ = get_trainer("grpo")
+    assert load_config(cls, "recipes/grpo.yaml").prompts == "data/movie_review_prompts.jsonl"
+
+
+def test_only_recipe_values_that_exist_there_are_resolved(tmp_path, monkeypatch):
+    from tether.runs.config import resolve_recipe_paths
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "p.jsonl").write_text("{}\n")
+    (tmp_path / "r" / "ds").mkdir()
+    monkeypatch.chdir(tmp_path)
+    data = {
+        "prompts": "p.jsonl",
+        "eval_data": "ds:test",
+        "prompts_2": "ds:cfg:test",
+        "reward": "vader",
+        "model": "smollm2-135m-instruct",
+        "output_dir": "p.jsonl",
+        "eval_rewards": ["p.jsonl", "textblob"],
+        "arms": [{"set": {"eval_prompts": "p.jsonl"}}],
+        "absolute": str(tmp_path / "x.jsonl"),
+    }
+    out = resolve_recipe_paths(data, tmp_path / "r")
+    assert out == {
+        "prompts": "r/p.jsonl",
+        "eval_data": "r/ds:test",
+        "prompts_2": "r/ds:cfg:test",
+        "reward": "vader",
+        "model": "smollm2-135m-instruct",
+        "output_dir": "p.jsonl",
+        "eval_rewards": ["r/p.jsonl", "textblob"],
+        "arms": [{"set": {"eval_prompts": "r/p.jsonl"}}],
+        "absolute": str(tmp_path / "x.jsonl"),
+    }
+    # a recipe in the working directory itself: nothing to do
+    assert resolve_recipe_paths({"prompts": "p.jsonl"}, Path(".")) == {"prompts": "p.jsonl"}

@@ -1,5 +1,7 @@
 """Reference policies: each kind gives the expected log-probs and survives a checkpoint."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -154,3 +156,20 @@ def test_make_reference_kinds():
         make_reference("frozen", pol.model)
     with pytest.raises(ValueError, match="cache path"):
         make_reference("precomputed", pol.model)
+
+
+def test_precomputed_reference_with_a_repeated_sequence_builds_and_reloads(tmp_path, monkeypatch):
+    """A response shared by two preference pairs (common: pairs drawn from one pool of samples)
+    is one table entry; the metadata counts the table's tokens, so the cache reloads without
+    a rebuild (it used to count the repeat twice and refuse its own cache)."""
+    pol = tiny_causal_lm(seed=4)
+    ids, mask = _batch([SEQS[0], SEQS[1], SEQS[0]])  # SEQS[0] twice
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    pre = PrecomputedReference.build(pol.model, batches, tmp_path, data_fingerprint="dup")
+    assert pre.meta["sequences"] == 2
+    assert pre.meta["tokens"] == (len(SEQS[0]) - 1) + (len(SEQS[1]) - 1)
+    monkeypatch.setattr("tether.reference._frozen_logprobs", lambda *a, **k: pytest.fail("rebuilt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = PrecomputedReference.build(pol.model, batches, tmp_path, data_fingerprint="dup")
+    assert again.meta == pre.meta

@@ -5,6 +5,9 @@ tether train ALGO [--config r.yaml] [key=value ...] [--print-config | --help-con
 tether plot RUN_DIR [--out file.png] [--keys a,b]
 tether report RUN_DIR [RUN_DIR ...] [--out report.html] [--steps 0,40,80]
 tether bon --model M --prompts FILE [--reward vader] [--n 8] [--out picks.jsonl] [...]
+tether generate RUN_OR_MODEL --prompts FILE [--n 1] [--reward SPEC ...] [--out responses.jsonl]
+tether eval RUN_OR_MODEL [--prompts FILE] [--reward SPEC] [--eval-reward SPEC ...] [--out eval.json]
+tether export RUN_DIR [--out DIR] [--checkpoint final|best|step-N] [--dtype float32]
 tether control {ppo,ppo_penalty,trpo} [--env CartPole-v1] [--config r.yaml] [key=value ...]
 tether control eval RUN_DIR [--episodes 10] [--stochastic]
 """
@@ -35,16 +38,18 @@ _REPORTED_PACKAGES = (
 )
 
 
-def _check_file(option: str, value: str) -> None:
-    """A data file named on the command line exists and is a file (checked before any model
-    loads)."""
-    from tether.runs.config import ConfigError
+_PROMPTS_HELP = (
+    "a .jsonl/.json/.csv/.parquet file, a HF dataset dir (save_to_disk or hub layout) or a cached "
+    "hub id org/name; SOURCE:SPLIT or SOURCE:CONFIG:SPLIT picks a split (default train)"
+)
 
-    path = Path(value)
-    if not path.exists():
-        raise ConfigError(f"{option}: {value!r} not found (relative to {Path.cwd()})")
-    if path.is_dir():
-        raise ConfigError(f"{option}: {value!r} is a directory; expected a data file")
+
+def _check_file(option: str, value: str) -> None:
+    """A data source named on the command line (a data file, a HuggingFace dataset directory or
+    a cached hub id, ``:SPLIT``) exists and is readable (checked before any model loads)."""
+    from tether.data.sources import check_source
+
+    check_source(option, value)
 
 
 def _env(_: argparse.Namespace) -> int:
@@ -71,10 +76,10 @@ def _env(_: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Resolve the algorithm's config from the YAML file and overrides, then train."""
     from tether.runs.config import ConfigError, describe_config, dump_config, load_config
-    from tether.runs.registry import UnknownTrainerError, get_trainer
+    from tether.runs.registry import UnknownTrainerError, get_config, get_trainer
 
     try:
-        config_cls, train_fn = get_trainer(args.algo)
+        config_cls = get_config(args.algo)  # tether.configs: the two flags never import torch
         if args.help_config:
             print(describe_config(config_cls))
             return 0
@@ -85,6 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    _, train_fn = get_trainer(args.algo)  # the trainer module (torch), only to train
     train_fn(config)
     return 0
 
@@ -94,8 +100,9 @@ def _plot(args: argparse.Namespace) -> int:
     from tether.runs.plot import plot_run
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    panels = [p.strip() for p in args.panels.split(",") if p.strip()] if args.panels else None
     try:
-        out = plot_run(args.run_dir, out=args.out, keys=keys)
+        out = plot_run(args.run_dir, out=args.out, keys=keys, panels=panels)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tether plot: error: {exc}", file=sys.stderr)
         return 2
@@ -267,17 +274,224 @@ def _bon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(requested: str | None) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sampling_from(args: argparse.Namespace, run: dict[str, Any]) -> Any:
+    """Sampling options: the flag, else the run's config, else the defaults."""
+    from tether.models import SamplingConfig
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(args, name)
+        return value if value is not None else run.get(name, default)
+
+    return SamplingConfig(
+        max_new_tokens=pick("max_new_tokens", 48),
+        temperature=pick("temperature", 1.0),
+        top_k=pick("top_k", 0),
+        top_p=pick("top_p", 1.0),
+    )
+
+
+def _run_rewards(run: dict[str, Any]) -> list[str]:
+    """A run's training reward and its gold rewards (the default rewards of generate)."""
+    specs = [run["reward"]] if isinstance(run.get("reward"), str) and run.get("reward") else []
+    specs += [s for s in run.get("eval_rewards") or [] if isinstance(s, str) and s not in specs]
+    return specs
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Sample responses of a trained model to a prompt file; rewards and KL per response."""
+    from tether.data import load_prompt_dataset
+    from tether.eval.heldout import reward_names
+    from tether.generate import NamedReward, format_summary, generate_rows, summarize, write_jsonl
+    from tether.rewards import make_reward
+    from tether.trained import load_trained, resolve_reference, resolve_trained
+
+    try:
+        for name in ("n", "batch_size", "limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        _check_file("--prompts", args.prompts)  # before any model loads
+        trained = resolve_trained(args.model, args.checkpoint)
+        run = trained.run_config or {}
+        sampling = _sampling_from(args, run)
+        as_chat = args.as_chat if args.as_chat is not None else bool(run.get("as_chat", False))
+        specs = list(args.reward) if args.reward else _run_rewards(run)
+        specs = [] if specs == ["none"] else specs
+        rewards = [
+            NamedReward(name, spec, make_reward(spec))
+            for name, spec in zip(reward_names(specs), specs, strict=True)
+        ]
+        device = _device(args.device)
+        policy = load_trained(trained, device=device)
+        reference = resolve_reference(trained, policy, args.reference, device=device)
+        data = load_prompt_dataset(
+            args.prompts,
+            policy.tokenizer,
+            prompt_field=args.prompt_field,
+            max_prompt_length=args.max_prompt_length or run.get("max_prompt_length"),
+            as_chat=as_chat,
+        )
+        examples = list(data)[: args.limit]
+        print(
+            f"tether generate: {len(examples)} prompts × {args.n} from {trained.describe()}; "
+            f"reference: {reference.name if reference else 'none'}",
+            file=sys.stderr,
+        )
+        rows = generate_rows(
+            policy.model,
+            policy.tokenizer,
+            examples,
+            sampling,
+            n=args.n,
+            rewards=rewards,
+            reference=reference.policy if reference else None,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except (ValueError, ImportError, OSError) as exc:  # DataError, RewardError, ModelError too
+        print(f"tether generate: error: {exc}", file=sys.stderr)
+        return 2
+    out = write_jsonl(args.out, rows)
+    stats = summarize(rows)
+    print(f"{len(rows)} responses ({len(examples)} prompts × {args.n}) written to {out}")
+    if reference is not None:
+        print(f"KL per response to {reference.name} (mean ± standard error):")
+    for line in format_summary(stats):
+        print(line)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """The held-out evaluation of a saved model: metrics JSON, samples JSONL and a table."""
+    from tether.data import load_prompt_dataset
+    from tether.eval.standalone import (
+        eval_config,
+        evaluate_once,
+        format_table,
+        report,
+        run_eval_prompts,
+        write_json,
+    )
+    from tether.generate import write_jsonl
+    from tether.trained import load_trained, resolve_reference, resolve_trained
+
+    try:
+        if args.prompts:
+            _check_file("--prompts", args.prompts)
+        trained = resolve_trained(args.model, args.checkpoint)
+        run = trained.run_config or {}
+        if trained.run_config is None and not args.prompts:
+            raise ValueError("--prompts is required for a model that is not a tether run")
+        overrides = {
+            "eval_num_prompts": args.num_prompts,
+            "eval_samples_per_prompt": args.samples_per_prompt,
+            "eval_rewards": list(args.eval_reward) if args.eval_reward else None,
+            "eval_batch_size": args.batch_size,
+            "eval_capability_text": args.capability_text,
+            "eval_offtask_prompts": args.offtask_prompts,
+            "eval_semantic": False if args.no_semantic else None,
+            "eval_max_new_tokens": None,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "as_chat": args.as_chat,
+            "max_prompt_length": args.max_prompt_length,
+        }
+        cfg = eval_config(run, overrides)
+        for name in ("eval_capability_text", "eval_offtask_prompts"):
+            if getattr(cfg, name) == "none":
+                setattr(cfg, name, None)
+        proxy = args.reward if args.reward is not None else run.get("reward")
+        proxy = None if proxy in (None, "", "none") else str(proxy)
+        device = _device(args.device)
+        policy = load_trained(trained, device=device)
+        reference = resolve_reference(trained, policy, args.reference, device=device)
+        if args.prompts:
+            prompts = list(
+                load_prompt_dataset(
+                    args.prompts,
+                    policy.tokenizer,
+                    max_prompt_length=cfg.max_prompt_length,
+                    as_chat=cfg.as_chat,
+                )
+            )
+            if args.num_prompts is None:
+                cfg.eval_num_prompts = len(prompts)
+            where = args.prompts
+        else:
+            prompts, where = run_eval_prompts(run, cfg, policy.tokenizer)
+        print(
+            f"tether eval: {trained.describe()} on {min(len(prompts), cfg.eval_num_prompts)} "
+            f"prompts × {cfg.eval_samples_per_prompt}; reference: "
+            f"{reference.name if reference else 'none'}",
+            file=sys.stderr,
+        )
+        metrics, records = evaluate_once(
+            policy.model,
+            policy.tokenizer,
+            reference.policy if reference else None,
+            cfg,
+            prompts,
+            proxy,
+            step=trained.step or 0,
+        )
+    except (ValueError, ImportError, OSError) as exc:
+        print(f"tether eval: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    samples = Path(args.samples) if args.samples else out.with_name(out.stem + ".samples.jsonl")
+    write_jsonl(samples, records)
+    data = report(
+        model=args.model,
+        checkpoint=trained.checkpoint,
+        step=trained.step,
+        reference=reference.name if reference else None,
+        prompts=where,
+        cfg=cfg,
+        proxy=proxy,
+        metrics=metrics,
+        samples=str(samples),
+    )
+    write_json(out, data)
+    print(f"held-out evaluation of {trained.describe()} ({len(records)} samples)")
+    for line in format_table(metrics):
+        print(line)
+    print(f"metrics written to {out}, samples to {samples}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Write a run's model as a plain HF model directory (a LoRA adapter merged)."""
+    from tether.export import export_run
+
+    try:
+        result = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, dtype=args.dtype)
+    except (ValueError, ImportError, OSError) as exc:
+        print(f"tether export: error: {exc}", file=sys.stderr)
+        return 2
+    how = "LoRA adapter merged into its base" if result.merged_adapter else "full model"
+    print(
+        f"exported {result.trained.describe()} ({how}, {result.parameters:,} parameters, "
+        f"{result.dtype}) to {result.out}"
+    )
+    return 0
+
+
 def _control(args: argparse.Namespace) -> int:
     """Train a control policy (ppo | ppo_penalty | trpo) on a gymnasium task, or evaluate one."""
     if args.algo == "eval":
         return _control_eval(args)
+    from tether.control.config import CONFIGS as ALGORITHMS
     from tether.runs.config import ConfigError, describe_config, dump_config, load_config
 
-    try:
-        from tether.control import ALGORITHMS, train
-    except ImportError as exc:
-        print(f"tether control: error: {exc}", file=sys.stderr)
-        return 2
     if args.algo not in ALGORITHMS:
         known = ", ".join([*ALGORITHMS, "eval"])
         print(f"tether control: error: unknown {args.algo!r}; one of: {known}", file=sys.stderr)
@@ -301,6 +515,8 @@ def _control(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     try:
+        from tether.control import train
+
         final = train(config)
     except (ValueError, ImportError) as exc:
         print(f"tether control: error: {exc}", file=sys.stderr)
@@ -414,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     plot.add_argument("--out", metavar="PNG", help="image path (default RUN_DIR/metrics.png)")
     plot.add_argument("--keys", metavar="A,B", help="comma-separated metrics to draw")
+    plot.add_argument(
+        "--panels",
+        metavar="P,Q",
+        help="comma-separated panels to draw: reward, fraction, diversity, kl, kl_update, beta, "
+        "loss, entropy, logp, lr, norm, time, throughput, count, progress, other",
+    )
     plot.set_defaults(func=_plot)
 
     lab = sub.add_parser(
@@ -456,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a Monte-Carlo estimate of the actual KL(π_BoN‖π) from calibration samples.",
     )
     bon.add_argument("--model", required=True, help="embedded model name, local dir or hub id")
-    bon.add_argument("--prompts", required=True, metavar="FILE", help=".jsonl/.json/.csv/.parquet")
+    bon.add_argument("--prompts", required=True, metavar="SOURCE", help=_PROMPTS_HELP)
     bon.add_argument(
         "--reward",
         default="vader",
@@ -501,6 +723,126 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     bon.add_argument("--out", metavar="JSONL", help="write one line per prompt with its pick")
     bon.set_defaults(func=_bon)
+
+    model_help = (
+        "a run directory (its final/; see --checkpoint), a model directory (full or LoRA "
+        "adapter), an embedded name (smollm2-135m-instruct) or a hub id"
+    )
+    checkpoint_help = "for a run: final (default), best, latest or step-N"
+    reference_help = (
+        "the model the KL is measured against (default: a run's configured base model, a LoRA "
+        "adapter's base; none: no KL)"
+    )
+
+    def sampling_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--max-new-tokens", type=int, help="response length cap (default: the run's, else 48)"
+        )
+        p.add_argument("--temperature", type=float, help="sampling temperature (default: 1)")
+        p.add_argument("--top-k", type=int, help="top-k sampling (0 = off)")
+        p.add_argument("--top-p", type=float, help="nucleus sampling (1.0 = off)")
+        p.add_argument(
+            "--as-chat",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="apply the chat template to plain prompts (default: as the run did)",
+        )
+        p.add_argument("--max-prompt-length", type=int, help="longer prompts (tokens) are errors")
+        p.add_argument("--device", help="where to run the models (default: cuda if available)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample a trained model's responses to a prompt file: rewards and KL per response",
+        description="Sample N responses per prompt (fp32), score them with each reward and "
+        "measure each one's KL to the reference: exact (full vocabulary at every position) and "
+        "the k1/k3 estimates on the sampled tokens. Writes one JSON line per response and "
+        "prints the means with standard errors.",
+    )
+    gen.add_argument("model", metavar="RUN_OR_MODEL", help=model_help)
+    gen.add_argument("--prompts", required=True, metavar="SOURCE", help=_PROMPTS_HELP)
+    gen.add_argument(
+        "--out", default="responses.jsonl", metavar="JSONL", help="default: %(default)s"
+    )
+    gen.add_argument("--n", type=int, default=1, help="responses per prompt (default: 1)")
+    gen.add_argument(
+        "--reward",
+        action="append",
+        metavar="SPEC",
+        help="a reward to score with (repeatable): built-in, reward-model dir or "
+        "module:function (default: a run's reward and eval_rewards; none: no reward)",
+    )
+    gen.add_argument("--reference", metavar="MODEL", help=reference_help)
+    gen.add_argument("--checkpoint", help=checkpoint_help)
+    sampling_flags(gen)
+    gen.add_argument("--prompt-field", default="prompt", help="the prompt column of the file")
+    gen.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    gen.add_argument("--limit", type=int, help="use only the first LIMIT prompts")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="the held-out evaluation (rewards, KL, diversity, capability) of a saved model",
+        description="Run the held-out evaluation trainers run every eval_steps on a saved "
+        "model: proxy and gold rewards, KL to the reference, entropy, diversity, capability NLL "
+        "and its tax, off-task KL. Settings default to the run's config.yaml. Writes the "
+        "metrics as JSON and the samples as JSONL, and prints a table.",
+    )
+    ev.add_argument("model", metavar="RUN_OR_MODEL", help=model_help)
+    ev.add_argument(
+        "--prompts", metavar="FILE", help="eval prompts (default: the run's held-out prompts)"
+    )
+    ev.add_argument("--reward", metavar="SPEC", help="the proxy reward (default: the run's)")
+    ev.add_argument(
+        "--eval-reward",
+        action="append",
+        metavar="SPEC",
+        help="a gold reward (repeatable; default: the run's eval_rewards)",
+    )
+    ev.add_argument("--reference", metavar="MODEL", help=reference_help)
+    ev.add_argument("--checkpoint", help=checkpoint_help)
+    ev.add_argument("--samples-per-prompt", type=int, help="completions per prompt (default 4)")
+    ev.add_argument(
+        "--num-prompts", type=int, help="prompts used (default: all of --prompts, or the run's)"
+    )
+    ev.add_argument(
+        "--capability-text",
+        metavar="SPEC",
+        help="general text for the capability NLL: general (shipped), a file, or none",
+    )
+    ev.add_argument(
+        "--offtask-prompts", metavar="SPEC", help="off-task prompts: general, a file, or none"
+    )
+    ev.add_argument(
+        "--no-semantic", action="store_true", help="skip the semantic similarity (MiniLM)"
+    )
+    sampling_flags(ev)
+    ev.add_argument("--batch-size", type=int, help="sequences per sampling batch (default 32)")
+    ev.add_argument("--seed", type=int, help="sampling seed (default: the run's)")
+    ev.add_argument("--out", default="eval.json", metavar="JSON", help="default: %(default)s")
+    ev.add_argument(
+        "--samples", metavar="JSONL", help="samples file (default: OUT with .samples.jsonl)"
+    )
+    ev.set_defaults(func=_eval)
+
+    export = sub.add_parser(
+        "export",
+        help="write a run's model as a plain HF model directory (LoRA merged)",
+        description="Write a run's trained model (final/ by default) as a Hugging Face model "
+        "directory that transformers loads without peft or tether: safetensors, config, "
+        "generation config, tokenizer, and tether_export.json recording where it came from. "
+        "A LoRA adapter is merged into its base model.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    export.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/export)")
+    export.add_argument("--checkpoint", help=checkpoint_help)
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: %(default)s)",
+    )
+    export.set_defaults(func=_export)
 
     control = sub.add_parser(
         "control",

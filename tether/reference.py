@@ -279,7 +279,6 @@ class PrecomputedReference(ReferencePolicy):
                 ref.path, ref.table, ref.meta = path, table, meta
                 return ref
         table: dict[str, Tensor] = {}
-        n_tokens = 0
         for batch in batches:
             ids, am = batch["input_ids"], batch["attention_mask"].bool()
             out = _frozen_logprobs(
@@ -289,8 +288,8 @@ class PrecomputedReference(ReferencePolicy):
             valid = am[:, 1:] & am[:, :-1]  # (B, T−1) both tokens real
             for i in range(ids.shape[0]):
                 key = sequence_key(ids[i][am[i]])
-                table[key] = lp[i][valid[i]].clone()
-                n_tokens += int(valid[i].sum())
+                table[key] = lp[i][valid[i]].clone()  # a repeated sequence is one entry
+        n_tokens = sum(v.numel() for v in table.values())
         if not table:
             raise ValueError("precomputed reference: the data yielded no sequences")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,7 @@ def test_lab_cli_checks_paths_before_loading_anything(capsys, tmp_path):
 
     rc = main(["lab", "overopt", f"output_dir={tmp_path / 'lab'}", "prompts=nope.jsonl"])
     err = capsys.readouterr().err
-    assert rc == 2 and "prompts: 'nope.jsonl' does not exist" in err
+    assert rc == 2 and "prompts: 'nope.jsonl' not found" in err
     assert not (tmp_path / "lab").exists()
     (tmp_path / "file").write_text("x")
     rc = main(["lab", "overopt", f"output_dir={tmp_path / 'file'}"])

@@ -66,6 +66,13 @@ def _existing_run(tmp_path: Path) -> Path:
     return run
 
 
+def _dir(tmp_path: Path) -> Path:
+    """An empty directory (a directory of data files would be a dataset)."""
+    path = tmp_path / "a-dir"
+    path.mkdir()
+    return path
+
+
 def _file(tmp_path: Path) -> Path:
     path = tmp_path / "a-file"
     path.write_text("x")
@@ -123,9 +130,9 @@ CASES = [
         ["train_data", "nope.jsonl", "not found"],
     ),
     (
-        "train_data a directory",
-        lambda t, d, p: ["train", "reward", f"train_data={t}", f"output_dir={t / 'r'}"],
-        ["train_data", "is a directory"],
+        "train_data a directory but no dataset",
+        lambda t, d, p: ["train", "reward", f"train_data={_dir(t)}", f"output_dir={t / 'r'}"],
+        ["train_data", "a directory that is neither a saved dataset"],
     ),
     (
         "eval_data not found",

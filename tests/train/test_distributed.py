@@ -188,6 +188,28 @@ def _trainers(tiny, prompts, prefs):
             4,
         ),
         "reward": ("reward", lambda b: _prefs_cfg(tiny, prefs, b, learning_rate=2e-3), 4),
+        "sft": ("sft", lambda b: _sft_cfg(tiny, prefs.parent / "sft.jsonl", b), 4),
+    }
+
+
+def _sft_cfg(tiny, sft, b):
+    """SFT rows of different lengths: each process's share of a step has its own token count, so
+    only a loss normalised by the global count matches the 1-process run."""
+    return {
+        "model": str(tiny),
+        "train_data": str(sft),
+        "eval_fraction": 0.25,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "batch_size": b,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 2,
+        "save_steps": 0,
+        "max_steps": 3,
+        "max_length": 48,
+        "seed": 1,
+        "mixed_precision": "no",
     }
 
 
@@ -207,6 +229,10 @@ def data(tmp_path_factory, tiny_dir):
     ]
     prefs = d / "prefs.jsonl"
     prefs.write_text("\n".join(json.dumps(r) for r in rows))
+    sft = [
+        {"prompt": r["prompt"], "completion": r["chosen"] * (1 + i % 4)} for i, r in enumerate(rows)
+    ]
+    (d / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft))
     return tiny_dir, prompts, prefs
 
 
@@ -316,6 +342,12 @@ def test_dpo_two_processes_equal_one(runs, name):
     keys = ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"]
     _assert_close_metrics(runs / "1" / name, runs / "2" / name, keys)
     _assert_same_weights(runs / "1" / name, runs / "2" / name)
+
+
+def test_sft_two_processes_equal_one(runs):
+    keys = ["loss", "nll", "tokens", "eval/nll"]
+    _assert_close_metrics(runs / "1" / "sft", runs / "2" / "sft", keys)
+    _assert_same_weights(runs / "1" / "sft", runs / "2" / "sft")
 
 
 def test_precomputed_reference_built_once_and_whole(runs):

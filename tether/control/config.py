@@ -199,3 +199,12 @@ class TRPOControlConfig(ControlConfig):
             raise ValueError(f"vf_iters must be ≥ 0, got {self.vf_iters}")
         if not 0 < self.backtrack_ratio < 1:
             raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
+
+
+CONFIGS: dict[str, type[ControlConfig]] = {
+    "ppo": PPOControlConfig,
+    "ppo_penalty": PPOPenaltyControlConfig,
+    "trpo": TRPOControlConfig,
+}
+"""Algorithm name → config class, without importing the trainer (``--help-config`` needs no
+torch)."""

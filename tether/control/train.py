@@ -30,6 +30,7 @@ from tether.control.algorithms import (
     trpo_update,
 )
 from tether.control.config import (
+    CONFIGS,
     ControlConfig,
     PPOControlConfig,
     PPOPenaltyControlConfig,
@@ -44,11 +45,8 @@ from tether.runs.checkpoint import latest_checkpoint, load_checkpoint
 from tether.train.guards import StepGuard
 
 CONTROL_FILE = "control.json"
-ALGORITHMS: dict[str, type[ControlConfig]] = {
-    "ppo": PPOControlConfig,
-    "ppo_penalty": PPOPenaltyControlConfig,
-    "trpo": TRPOControlConfig,
-}
+ALGORITHMS = CONFIGS
+"""Algorithm name → its config class (defined in the torch-free :mod:`tether.control.config`)."""
 
 
 def algorithm_of(cfg: ControlConfig) -> str:

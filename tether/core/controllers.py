@@ -32,8 +32,10 @@ import math
 import sys
 from typing import Any
 
-DEFAULT_MAX_ERROR = 0.2
-"""The clip on :class:`AdaptiveKL`'s proportional error (Ziegler et al. 2019; TRL)."""
+# Pure python, shared with the configs' checks (tether.configs imports no torch); re-exported.
+from tether.configs.checks import DEFAULT_MAX_ERROR, check_horizon
+from tether.configs.checks import smallest_valid_horizon as smallest_valid_horizon
+
 BETA_FLOOR = sys.float_info.min
 """The smallest β the multiplicative controllers reach (the smallest normal float, ≈2.2e-308):
 halving or shrinking β further would underflow it to 0, a β these rules could never leave."""
@@ -188,36 +190,6 @@ class AdaptiveKL(KLController):
         mult = 1.0 + error * n_steps / self.horizon  # > 0: update() checked the horizon
         beta = max(self._beta * mult, self.beta_min, BETA_FLOOR)
         self._beta = min(beta, self.beta_max, BETA_CEILING)
-
-
-def smallest_valid_horizon(n_steps: float, max_error: float = DEFAULT_MAX_ERROR) -> int:
-    """The smallest integer :class:`AdaptiveKL` horizon for ``n_steps`` samples per update:
-    ⌊m·n_steps⌋ + 1 with m = min(max_error, 1): the first integer above m·n_steps, the horizon at
-    which the smallest factor the rule can apply, 1 − m·n_steps/horizon, reaches 0."""
-    return math.floor(min(max_error, 1.0) * n_steps) + 1
-
-
-def check_horizon(
-    horizon: float,
-    n_steps: float,
-    max_error: float = DEFAULT_MAX_ERROR,
-    *,
-    name: str = "horizon",
-    steps: str = "n_steps",
-    note: str = "",
-) -> None:
-    """Raise a ``ValueError`` unless :class:`AdaptiveKL`'s factor 1 + e·n_steps/horizon stays > 0
-    for every error e it can see: horizon > m·n_steps with m = min(max_error, 1) (KL ≥ 0 gives
-    e ≥ −1). The message names the option ``name``, says what ``n_steps`` is made of (``steps``,
-    explained by ``note``) and gives the smallest valid value."""
-    m = min(max_error, 1.0)
-    if not horizon > m * n_steps:
-        raise ValueError(
-            f"{name} must be > max_error·{steps} = {m:g}·{n_steps:g} = {m * n_steps:g}"
-            f"{f' ({note})' if note else ''}, got "
-            f"{horizon:g}: a KL below target would set β to ≤ 0 for good; the smallest valid "
-            f"value is {smallest_valid_horizon(n_steps, m)}"
-        )
 
 
 class PPOPenaltyKL(KLController):

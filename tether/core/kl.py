@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Estimator = Literal["k1", "k2", "k3", "abs"]
+from tether.configs.literals import Estimator
+
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Direction = Literal["reverse", "forward"]
 

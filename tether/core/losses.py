@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tether.configs.literals import DPOLossType
 from tether.core.kl import k3
 from tether.core.masked import Aggregation, aggregate, masked_mean
 
-DPOLossType = Literal["sigmoid", "cdpo", "ipo", "robust", "hinge", "chi2po"]
 DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
 # χPO evaluates φ(z) = z + log z with z = exp(u); u is capped so exp stays finite in float64 (the

@@ -21,12 +21,13 @@ Shapes: ``B`` batch, ``T`` tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-Aggregation = Literal["token_mean", "seq_mean", "seq_sum"]
+from tether.configs.literals import Aggregation
+
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 

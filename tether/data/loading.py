@@ -90,8 +90,10 @@ def load_prompt_dataset(
     """Load prompts for rollouts.
 
     Args:
-        source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path, a list of dicts, or a
-            ``datasets.Dataset``.
+        source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path, a HuggingFace dataset
+            source string (a ``save_to_disk`` or hub-format directory, a cached hub id
+            ``org/name``; ``:SPLIT`` or ``:CONFIG:SPLIT`` picks a split, see
+            :mod:`tether.data.hf`), a list of dicts, or a ``datasets.Dataset``.
         tokenizer: tokenises the prompts; its chat template renders conversational ones.
         prompt_field: the field holding each prompt: a string, or a list of messages.
         max_prompt_length: a longer prompt (in tokens) is an error, never silently cut.
@@ -143,8 +145,10 @@ def load_preference_dataset(
     """Load preference pairs (``prompt``, ``chosen``, ``rejected``) for the DPO family.
 
     Args:
-        source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path, a list of dicts, or a
-            ``datasets.Dataset``.
+        source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path, a HuggingFace dataset
+            source string (a ``save_to_disk`` or hub-format directory, a cached hub id
+            ``org/name``; ``:SPLIT`` or ``:CONFIG:SPLIT`` picks a split, see
+            :mod:`tether.data.hf`), a list of dicts, or a ``datasets.Dataset``.
         tokenizer: tokenises the rows; its chat template renders conversational ones; its EOS
             ends every response.
         max_length: prompt + response tokens allowed; a longer response is cut from the end

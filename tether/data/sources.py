@@ -2,9 +2,11 @@
 
 A source is a path to a ``.jsonl`` (one JSON object per line), ``.json`` (a JSON array of
 objects), ``.csv`` (a header row, then one row per example) or ``.parquet`` file, a Python list of
-dicts, or a HuggingFace ``datasets.Dataset``. Reading never stops at the first bad row: rows that
-cannot be parsed become ``Problem``s, so the loader reports them together with the field problems
-of the rows that could.
+dicts, a HuggingFace ``datasets.Dataset``, or a string naming one split of a HuggingFace dataset:
+a ``save_to_disk`` directory, a hub-format directory or a cached hub id ``org/name``, optionally
+followed by ``:SPLIT`` or ``:CONFIG:SPLIT`` (see :mod:`tether.data.hf`). Reading never stops at
+the first bad row: rows that cannot be parsed become ``Problem``s, so the loader reports them
+together with the field problems of the rows that could.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from tether.data.errors import DataError, Problem, describe
+from tether.data.hf import load_resolved, resolve_source
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 Source = Union[str, os.PathLike, Sequence[Mapping[str, Any]], "Dataset"]
-"""What ``load_*_dataset`` accepts: a file path, a list of dicts, or a ``datasets.Dataset``."""
+"""What ``load_*_dataset`` accepts: a file path, a HuggingFace dataset source string (a
+``save_to_disk`` or hub-format directory, a cached hub id; ``:SPLIT`` / ``:CONFIG:SPLIT``), a list
+of dicts, or a ``datasets.Dataset``."""
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 """File extensions tether reads (matched case-insensitively)."""
@@ -54,13 +59,20 @@ def read_source(source: Source) -> RawSource:
     """Read every row of ``source``.
 
     Raises:
-        FileNotFoundError: the path does not exist.
+        FileNotFoundError: the path does not exist (and is not spelled like a hub id).
         DataError: the file cannot be read at all (unknown extension, not UTF-8, not JSON or
-            Parquet at all), or it holds no rows.
+            Parquet at all), or it holds no rows; a directory is not a dataset; a hub id is not
+            in the local cache; the split asked for does not exist.
         TypeError: ``source`` is none of the accepted kinds.
     """
     if isinstance(source, (str, os.PathLike)):
-        raw = _read_file(Path(source))
+        resolved = resolve_source(os.fspath(source), SUFFIXES)
+        if resolved.kind == "file":
+            raw = _read_file(Path(resolved.path))
+        else:
+            raw = RawSource(resolved.name)
+            for i, fields in enumerate(load_resolved(resolved)):
+                raw.rows.append(RawRow(i, None, fields))
     elif isinstance(source, (list, tuple)):
         raw = RawSource("<list>")
         for i, fields in enumerate(source):
@@ -72,6 +84,37 @@ def read_source(source: Source) -> RawSource:
     if not raw.rows and not raw.problems:
         raise DataError(raw.name, [Problem("the source holds no rows")])
     return raw
+
+
+def check_source(option: str, value: str | os.PathLike) -> None:
+    """Check, before any model loads, that ``value`` names a source :func:`read_source` can read:
+    an existing data file with a known extension, a ``save_to_disk`` or hub-format dataset
+    directory, or a hub id in the local cache, with the config and split it names. Reads
+    metadata only, never the rows.
+
+    Raises:
+        tether.runs.ConfigError: naming ``option`` and ``value``, and what was expected.
+    """
+    from tether.runs.config import ConfigError  # deferred: the config layer sits above data
+
+    text = os.fspath(value)
+    try:
+        resolved = resolve_source(text, SUFFIXES)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{option}: {e}") from None
+    except DataError as e:
+        raise ConfigError(f"{option}: {text!r}: {_one_line(e)}") from None
+    suffix = Path(resolved.path).suffix
+    if resolved.kind == "file" and suffix.lower() not in SUFFIXES:
+        raise ConfigError(
+            f"{option}: {text!r}: unsupported file extension {suffix!r}; expected one of "
+            f"{SUFFIXES}, a dataset directory, or a cached hub id org/name"
+        )
+
+
+def _one_line(error: DataError) -> str:
+    """A DataError's problems, without the source header, on one line."""
+    return "; ".join(str(p) for p in error.problems)
 
 
 def _add_row(raw: RawSource, index: int, line: int | None, fields: Any, expected: str) -> None:

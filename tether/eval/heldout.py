@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -47,11 +46,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tether.configs.checks import reward_names as reward_names  # re-exported
+from tether.configs.eval import BUILTIN_TEXT
+from tether.configs.eval import EvalConfig as EvalConfig  # re-exported
 from tether.core.kl import exact_from_logits, k1, k3
 from tether.core.masked import masked_sum
 from tether.data import PromptExample, load_prompt_dataset
@@ -62,14 +64,11 @@ from tether.models.generation import SamplingConfig, generate, sample_seed
 from tether.models.logprobs import forward_logprobs, unwrap_model
 from tether.models.numerics import fp32_numerics, weights_are_fp32
 from tether.rewards import RewardFn, call_reward, make_reward
-from tether.runs.config import option
 
 log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 BEST_DIR = "best"
-BUILTIN_TEXT = "general"
-"""``eval_capability_text`` / ``eval_offtask_prompts`` value naming the corpus tether ships."""
 DISTINCT_ORDERS = (1, 2, 3, 4)
 EXACT_CHUNK_ROWS = 8
 """Responses per full-logit forward of the exact KL (bounds the (rows, T, V) logits)."""
@@ -85,117 +84,6 @@ def builtin_data(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"tether's built-in eval data {name} is missing at {path}")
     return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig:
-    """Held-out evaluation fields shared by the LM trainers (``eval_steps`` is each trainer's own:
-    0 turns held-out sampling off). Call :meth:`check_eval` from ``__post_init__``."""
-
-    eval_prompts: str | None = option(
-        None,
-        help="Held-out prompt file (a 'prompt' column); null: eval_num_prompts training prompts "
-        "held out by a seeded split (DPO: the held-out pairs' prompts).",
-    )
-    eval_num_prompts: int = option(8, help="Held-out prompts per evaluation (at most).")
-    eval_samples_per_prompt: int = option(4, help="Completions sampled per held-out prompt.")
-    eval_rewards: list[str] = option(
-        [],
-        help="Gold rewards measured on the eval samples and never optimised: built-in names, "
-        "reward-model dirs or module:function specs.",
-    )
-    eval_max_new_tokens: int | None = option(
-        None, help="Response length cap of eval samples (null: the training max_new_tokens)."
-    )
-    eval_capability_text: str | None = option(
-        BUILTIN_TEXT,
-        help="General text for the capability NLL: 'general' (shipped), a JSONL/JSON/CSV/Parquet "
-        "file with a 'text' column, or null (off).",
-    )
-    eval_capability_passages: int = option(48, help="Passages of it used (the first N).")
-    eval_offtask_prompts: str | None = option(
-        BUILTIN_TEXT,
-        help="Off-task prompts for the exact KL outside the task: 'general' (shipped), a prompt "
-        "file, or null (off).",
-    )
-    eval_offtask_num: int = option(8, help="Off-task prompts used (one sample each).")
-    eval_semantic: bool = option(
-        True, help="Semantic similarity among completions (all-MiniLM-L6-v2, fetched once)."
-    )
-    eval_batch_size: int = option(32, help="Sequences per eval sampling/scoring batch.")
-    eval_base_cache: str | None = option(
-        None,
-        help="Directory caching the step-0 evaluation of the untrained policy, keyed by model, "
-        "prompts and eval settings: runs that share them evaluate the base once (one process).",
-    )
-    eval_generate: bool = option(
-        True,
-        help="Sample the held-out prompts at each evaluation (gold rewards, KL, diversity, "
-        "capability); false: only the trainer's cheap held-out metrics.",
-    )
-    overopt_window: int = option(
-        3, help="Evaluations over which the proxy-up/gold-down warning looks."
-    )
-    early_stop_on: str | None = option(
-        None, help="Stop when this eval metric (e.g. eval/gold/afinn) stops improving (null: off)."
-    )
-    early_stop_mode: Literal["max", "min"] = option(
-        "max", help="Whether early_stop_on improves upwards (max) or downwards (min)."
-    )
-    early_stop_patience: int = option(
-        3, help="Evaluations without improvement before stopping; best/ keeps the best policy."
-    )
-
-    def check_eval(self) -> None:
-        for name in ("eval_num_prompts", "eval_samples_per_prompt", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("eval_capability_passages", "eval_offtask_num"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name} must be ≥ 1 (turn it off with null), got {getattr(self, name)}"
-                )
-        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
-            raise ValueError(f"eval_max_new_tokens must be ≥ 1, got {self.eval_max_new_tokens}")
-        if self.overopt_window < 2:
-            raise ValueError(f"overopt_window must be ≥ 2, got {self.overopt_window}")
-        if self.early_stop_patience < 1:
-            raise ValueError(f"early_stop_patience must be ≥ 1, got {self.early_stop_patience}")
-        if self.early_stop_on is not None and not self.early_stop_on.startswith("eval/"):
-            raise ValueError(
-                f"early_stop_on must name an eval metric (eval/...), got {self.early_stop_on!r}"
-            )
-        if getattr(self, "eval_steps", 1) < 0:
-            raise ValueError(f"eval_steps must be ≥ 0 (0: off), got {self.eval_steps}")  # type: ignore[attr-defined]
-        if self.early_stop_on is not None and getattr(self, "eval_steps", 1) == 0:
-            raise ValueError("early_stop_on needs held-out evaluation: set eval_steps ≥ 1")
-        reward_names(list(self.eval_rewards))  # duplicate names are an error now, not later
-
-
-def reward_names(specs: Sequence[str]) -> list[str]:
-    """Short metric names of reward specs: a built-in's name, a function's name, a directory's
-    base name; characters outside [A-Za-z0-9_.-] become '_'. Duplicates are an error."""
-    names = []
-    for spec in specs:
-        if not isinstance(spec, str) or not spec:
-            raise ValueError(f"eval_rewards: each entry must be a non-empty string, got {spec!r}")
-        if ":" in spec and not Path(spec).is_dir():
-            short = spec.rsplit(":", 1)[1].rsplit(".", 1)[-1]
-        else:
-            short = Path(spec.rstrip("/")).name or spec
-        names.append(re.sub(r"[^A-Za-z0-9_.\-]", "_", short))
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(
-            f"eval_rewards {list(specs)} give the same metric name {dupes}: each eval reward "
-            "needs a distinct name"
-        )
-    return names
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,26 @@ the cached best-of-n arm; :mod:`tether.lab.bon` the one-pool best-of-n estimator
 :mod:`tether.lab.report` its report.html; :mod:`tether.lab.results` the results.json check.
 """
 
-from tether.lab.bon import BoNPoint, bon_curve, pick_weights
-from tether.lab.fits import GaoFit, fit_gao, gao_curve
+from typing import Any
+
+_LAZY = {
+    "BoNPoint": "tether.lab.bon",
+    "bon_curve": "tether.lab.bon",
+    "pick_weights": "tether.lab.bon",
+    "GaoFit": "tether.lab.fits",
+    "fit_gao": "tether.lab.fits",
+    "gao_curve": "tether.lab.fits",
+}
+"""Names imported on first use (PEP 562), so ``tether lab overopt --help-config`` and the lab's
+config never import torch."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tether.lab' has no attribute {name!r}")
+
 
 __all__ = ["BoNPoint", "GaoFit", "bon_curve", "fit_gao", "gao_curve", "pick_weights"]

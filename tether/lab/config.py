@@ -19,10 +19,12 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from tether.rewards.ensemble import COMBINE_MODES
+from tether.configs.literals import Combine
 from tether.runs.config import option
+
+COMBINE_MODES: tuple[str, ...] = get_args(Combine)
 
 ARM_METHODS = ("grpo", "rloo", "ppo", "ppo_penalty", "trpo", "dpo")
 """Trained arm methods: the ``tether train`` algorithm of each (best-of-n is built in)."""
@@ -220,12 +222,9 @@ class LabConfig:
         """Fail fast on a prompts file or output_dir that cannot work (before the model loads)."""
         from pathlib import Path
 
-        prompts = Path(self.prompts)
-        if not prompts.is_file():
-            what = "is a directory" if prompts.is_dir() else "does not exist"
-            raise ValueError(
-                f"prompts: {self.prompts!r} {what}; expected a JSONL/JSON/CSV/Parquet file"
-            )
+        from tether.data.sources import check_source
+
+        check_source("prompts", self.prompts)  # a file, a dataset directory or a cached hub id
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output_dir: {self.output_dir!r} exists and is not a directory")

@@ -16,12 +16,13 @@ so for a mode, and :func:`tether.train.common.make_accelerator` applies it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-CheckpointMode = Literal["selective", "full", "none"]
+from tether.configs.literals import CheckpointMode
+
 CHECKPOINT_MODES = ("selective", "full", "none")
 
 

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,6 +515,7 @@ def load_policy(
     peft: Any = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    merge_adapter: bool = True,
 ) -> Policy:
     """Load a causal LM and its tokenizer as a :class:`Policy`.
 
@@ -527,6 +529,11 @@ def load_policy(
             Off by default, and no config option or CLI flag turns it on; only code calling this
             function with ``True`` does.
         device: where to put the model (default: stay on CPU; accelerate places it in trainers).
+        merge_adapter: for a saved LoRA adapter directory (``adapter_config.json``, e.g. a LoRA
+            run's ``final/``): merge the adapter into its base model (True: a plain model, as a
+            full fine-tune would be) or return the ``PeftModel`` (False: the adapter exact, and
+            its base available with the adapter disabled). Its base model is found with
+            :func:`resolve_adapter_base`.
 
     Raises:
         ModelError: the model cannot be loaded; the message names the path (or file) and what
@@ -537,6 +544,10 @@ def load_policy(
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     source = resolve_model_source(name)
+    if isinstance(source, Path) and is_adapter_dir(source):
+        return _load_adapter_policy(
+            source, name, torch_dtype, peft, trust_remote_code, device, merge_adapter
+        )
     tok = load_pretrained(
         AutoTokenizer, source, name=name, part="tokenizer", trust_remote_code=trust_remote_code
     )
@@ -555,6 +566,7 @@ def load_policy(
         model.to(device)
     if peft is not None:
         model = apply_peft(model, peft)
+        record_adapter_base(model, name)
     return Policy(model=model, tokenizer=tok, name=name)
 
 
@@ -571,3 +583,142 @@ def apply_peft(model: Any, peft: Any) -> Any:
     if not isinstance(peft, PeftConfig):
         raise ValueError(f"peft must be a PEFT config or a dict of LoraConfig fields, got {peft!r}")
     return get_peft_model(model, peft)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapter directories: a portable base-model name
+# ------------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""The file PEFT writes into an adapter directory (``base_model_name_or_path`` names its base)."""
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is a saved PEFT adapter (``adapter_config.json``, no ``config.json``)."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def _absolute_source(name: str) -> str:
+    """Where :func:`load_policy` read ``name`` from, as an absolute path when it is local (an
+    embedded model: its converted checkpoint in the cache), else the hub id."""
+    if name in EMBEDDED_MODELS:
+        return str((cache_dir() / "models" / name).resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def record_adapter_base(model: Any, name: str) -> None:
+    """Record where the base model ``name`` was read from (an absolute path, or the hub id) as
+    the base of every adapter of the PEFT ``model``, whatever the current directory was;
+    :func:`make_adapter_base_portable` rewrites it when the adapter is saved."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = _absolute_source(name)
+
+
+def portable_base_name(recorded: str, save_dir: str | os.PathLike[str]) -> str:
+    """The base model an adapter saved in ``save_dir`` should record: an embedded model's
+    cache directory as the embedded name, another absolute local path relative to ``save_dir``
+    (so a run directory and its base can move together), a hub id as it is."""
+    path = Path(recorded)
+    if not path.is_absolute():
+        return recorded
+    for name in EMBEDDED_MODELS:
+        if path == (cache_dir() / "models" / name).resolve():
+            return name
+    return os.path.relpath(path, Path(save_dir).resolve())
+
+
+def make_adapter_base_portable(save_dir: str | os.PathLike[str]) -> None:
+    """Rewrite ``base_model_name_or_path`` in the adapter configs PEFT's ``save_pretrained``
+    wrote into ``save_dir`` (the default adapter's, and named adapters' in sub-directories)
+    with :func:`portable_base_name`; a directory without adapters is left alone."""
+    root = Path(save_dir)
+    for config_file in [root / ADAPTER_CONFIG, *root.glob(f"*/{ADAPTER_CONFIG}")]:
+        if not config_file.is_file():
+            continue
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        recorded = data.get("base_model_name_or_path")
+        if not isinstance(recorded, str) or not recorded:
+            continue
+        data["base_model_name_or_path"] = portable_base_name(recorded, config_file.parent)
+        tmp = config_file.with_name(f".{config_file.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, config_file)
+
+
+def resolve_adapter_base(recorded: str, adapter_dir: Path) -> str:
+    """The base model an adapter directory records, as :func:`load_policy` takes it: an embedded
+    name or a hub id as they are; a relative path relative to ``adapter_dir`` (else to the
+    current directory, as older tether versions and other tools wrote it); an absolute path as
+    it is."""
+    if recorded in EMBEDDED_MODELS:
+        return recorded
+    path = Path(recorded).expanduser()
+    if not path.is_absolute():
+        beside = adapter_dir / path
+        if beside.exists():
+            return str(beside.resolve())
+    return recorded
+
+
+def _load_adapter_policy(
+    path: Path,
+    name: str,
+    dtype: torch.dtype,
+    peft: Any,
+    trust_remote_code: bool,
+    device: str | torch.device | None,
+    merge_adapter: bool,
+) -> Policy:
+    """Load the adapter directory ``path``: its base model (:func:`resolve_adapter_base`), the
+    adapter on top, and the tokenizer saved with the adapter (else the base model's)."""
+    config_file = path / ADAPTER_CONFIG
+    try:
+        recorded = json.loads(config_file.read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"could not load model {name!r}: cannot read {config_file}: {e}") from e
+    if not isinstance(recorded, str) or not recorded:
+        raise ModelError(
+            f"could not load model {name!r}: {config_file} names no base model "
+            "(base_model_name_or_path): set it to the model the adapter was trained on"
+        )
+    base_name = resolve_adapter_base(recorded, path)
+    try:
+        base = load_policy(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise ModelError(
+            f"could not load model {name!r}: its base model {recorded!r} ({config_file}) "
+            f"cannot be loaded: {e}"
+        ) from e
+    tok = base.tokenizer
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        tok = prepare_tokenizer(
+            load_pretrained(
+                AutoTokenizer,
+                path,
+                name=name,
+                part="tokenizer",
+                trust_remote_code=trust_remote_code,
+            )
+        )
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():  # peft 0.21 calls a deprecated transformers property
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            model = PeftModel.from_pretrained(base.model, str(path))
+    except _LIBRARY_ERRORS as e:
+        raise _load_failure(e, path, name, "adapter", "model") from e
+    record_adapter_base(model, base_name)
+    if merge_adapter or peft is not None:
+        model = model.merge_and_unload()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        model.to(device)
+    if peft is not None:
+        model = apply_peft(model, peft)
+        record_adapter_base(model, name)
+    return Policy(model=model, tokenizer=tok, name=name)

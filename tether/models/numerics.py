@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tether.configs.literals import KL_PRECISION_HELP as KL_PRECISION_HELP  # re-exported
+from tether.configs.literals import KLPrecision
 from tether.models.logprobs import forward_logprobs, unwrap_model
 
-KLPrecision = Literal["fp32", "train"]
-KL_PRECISION_HELP = (
-    "Numerics of the KL's log-ratio (policy vs reference log-probs): fp32 (autocast off, no TF32; "
-    "costs an fp32 policy forward per rollout under mixed precision) or train (the training "
-    "precision: cheaper, but bf16 rounding noise then reads as KL)."
-)
 HALF_PRECISIONS = ("bf16", "fp16")
 
 

@@ -47,20 +47,17 @@ to build and measure it against HF generate.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from tether.configs.literals import ROLLOUT_DTYPE_HELP as ROLLOUT_DTYPE_HELP  # re-exported
+from tether.configs.literals import RolloutDtype as RolloutDtype  # re-exported
 from tether.models.logprobs import unwrap_model
 
-RolloutDtype = Literal["auto", "train", "bf16", "fp16"]
 SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 """accelerate distributed types whose parameters are sharded (``str(acc.distributed_type)``)."""
-ROLLOUT_DTYPE_HELP = (
-    "Sample from a bf16/fp16 copy of the weights refreshed every rollout (auto: when mixed "
-    "precision is bf16/fp16 and no LoRA), or from the training model (train)."
-)
 
 
 def _base_model(model: Any) -> nn.Module:

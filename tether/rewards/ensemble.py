@@ -25,13 +25,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
+from tether.configs.literals import Combine
 from tether.rewards.base import RewardFn, call_reward
 
-Combine = Literal["mean", "worst", "uwo"]
 COMBINE_MODES: tuple[str, ...] = get_args(Combine)
 ENSEMBLE_FILE = "ensemble.json"
 """The file that marks a directory as a reward ensemble."""

@@ -5,7 +5,7 @@
 * :mod:`tether.runs.rundir` — :class:`RunDir`: config.yaml, metrics.jsonl + TensorBoard, resume.
 * :mod:`tether.runs.checkpoint` — atomic, exactly-resumable checkpoints.
 * :mod:`tether.runs.progress` — a terminal progress bar that stays quiet off a TTY.
-* :mod:`tether.runs.plot` — :func:`plot_run`, a PNG of a run's metrics.
+* :mod:`tether.runs.plot` — :func:`plot_run`, a PNG of a run's metrics, a panel per unit.
 * :mod:`tether.runs.registry` — the algorithms ``tether train`` dispatches to.
 """
 
@@ -34,9 +34,16 @@ _WHERE = {
         "option",
         "save_config",
     ),
-    "plot": ("metric_group", "plot_run"),
+    "plot": ("PlotError", "build_figure", "metric_group", "metric_panel", "plot_run"),
     "progress": ("Progress",),
-    "registry": ("TRAINERS", "UnknownTrainerError", "get_trainer", "register_trainer"),
+    "registry": (
+        "CONFIGS",
+        "TRAINERS",
+        "UnknownTrainerError",
+        "get_config",
+        "get_trainer",
+        "register_trainer",
+    ),
     "rundir": ("RunDir", "read_metrics"),
 }
 """Public name → the submodule that defines it. Imported on first use (PEP 562), so that
@@ -73,29 +80,41 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         option,
         save_config,
     )
-    from tether.runs.plot import metric_group, plot_run
+    from tether.runs.plot import PlotError, build_figure, metric_group, metric_panel, plot_run
     from tether.runs.progress import Progress
-    from tether.runs.registry import TRAINERS, UnknownTrainerError, get_trainer, register_trainer
+    from tether.runs.registry import (
+        CONFIGS,
+        TRAINERS,
+        UnknownTrainerError,
+        get_config,
+        get_trainer,
+        register_trainer,
+    )
     from tether.runs.rundir import RunDir, read_metrics
 
 __all__ = [
+    "CONFIGS",
     "TRAINERS",
     "ConfigError",
+    "PlotError",
     "Progress",
     "RunConfig",
     "RunDir",
     "UnknownTrainerError",
+    "build_figure",
     "check_config_class",
     "checkpoint_name",
     "config_to_dict",
     "describe_config",
     "dump_config",
+    "get_config",
     "get_trainer",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_config",
     "metric_group",
+    "metric_panel",
     "option",
     "plot_run",
     "read_metrics",

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tether
-from tether.errors import CheckpointError, NumericalError, describe_os_error
+from tether.errors import CheckpointError, NumericalError, TetherWarning, describe_os_error
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -184,7 +184,9 @@ def _save_weights(state: StateDict, path: Path, model: str) -> None:
         whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
         if storages[t.untyped_storage().data_ptr()] > 1 or not whole or not t.is_contiguous():
             tensors[key] = t.clone(memory_format=torch.contiguous_format)
-    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
+    # "format": "pt" as transformers writes it, so a model directory may hard-link this file
+    # in place of its own when the tensors are the same (see link_identical_weights).
+    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases), "format": "pt"})
     _fsync_file(path)
 
 
@@ -347,6 +349,7 @@ def save_checkpoint(
     states: Mapping[str, Any] | None = None,
     accelerator: Accelerator | None = None,
     keep_last: int | None = 2,
+    drop_older_optimizers: bool = False,
 ) -> Path:
     """Write the checkpoint for ``step`` atomically and prune old ones; return its directory.
 
@@ -363,6 +366,8 @@ def save_checkpoint(
             lists.
         accelerator: when given, every process must call this; the main process writes.
         keep_last: how many checkpoints to keep, newest first (``None``: all).
+        drop_older_optimizers: once this checkpoint is installed, remove the optimizer state
+            of every older one (``save_optimizer=last``; see :func:`drop_optimizer_states`).
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int ≥ 0, got {step!r}")
@@ -423,6 +428,8 @@ def save_checkpoint(
             _fsync_dir(tmp)
             _install(tmp, root / name)
             _prune(root, keep_last, keep=name)
+            if drop_older_optimizers:
+                drop_optimizer_states(run_dir, before=step)
     except OSError as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -470,6 +477,103 @@ def _prune(root: Path, keep_last: int | None, keep: str) -> None:
             shutil.rmtree(doomed)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
+
+
+def drop_optimizer_states(run_dir: str | os.PathLike[str], before: int) -> list[Path]:
+    """Remove ``optimizer.pt`` from the run's checkpoints older than step ``before``; return
+    the checkpoints changed. Each manifest is rewritten first (atomically: a temporary file,
+    fsync, rename) to say the checkpoint holds no optimizer state, and only then is the file
+    deleted, so a crash in between leaves a readable checkpoint with a stray file, never a
+    manifest naming a missing one. A checkpoint that cannot be changed (unreadable manifest,
+    permissions) is left as it is, with a warning: the run goes on."""
+    changed = []
+    for path in list_checkpoints(run_dir):
+        match = _STEP_DIR.match(path.name)
+        if match is None or int(match.group(1)) >= before:
+            continue
+        manifest_file = path / MANIFEST_FILE
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+            if manifest.get("optimizer"):
+                manifest["optimizer"] = False
+                manifest["optimizer_dropped"] = True
+                pointer = path / f".{MANIFEST_FILE}.tmp"
+                _write_text(pointer, json.dumps(manifest, indent=1))
+                os.replace(pointer, manifest_file)
+                _fsync_dir(path)
+                changed.append(path)
+            (path / _OPTIMIZER_FILE).unlink(missing_ok=True)
+        except (OSError, ValueError, AttributeError) as exc:
+            warnings.warn(
+                f"could not drop the optimizer state of {path} ({exc}); it stays on disk",
+                TetherWarning,
+                stacklevel=3,
+            )
+    return changed
+
+
+def link_identical_weights(directory: str | os.PathLike[str], checkpoint: Path | None) -> list[str]:
+    """Hard-link the weights of ``checkpoint`` into ``directory`` where they are the same: each
+    ``*.safetensors`` file of ``directory`` whose tensors (names, dtypes, shapes and bytes) and
+    metadata equal a weights file of the checkpoint's is replaced by a hard link to that file,
+    so a run's ``final/`` and its end-of-run checkpoint share one copy of the weights on disk.
+
+    The replacement is atomic (a link under a temporary name, then ``os.replace``) and files are
+    never written in place afterwards, so the two names stay independent: pruning the checkpoint
+    or replacing ``final/`` leaves the other intact. The checkpoint's file holds the same
+    tensors plus tether's alias metadata (tied weights stored once, as transformers stores
+    them), so loaders of ``directory`` see the same model. Files that differ (a LoRA adapter, a
+    reward model's split files, another dtype) and filesystems without hard links keep their
+    own copy. Returns the names of the files linked."""
+    if checkpoint is None or not (checkpoint / MANIFEST_FILE).is_file():
+        return []
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
+        sources = [checkpoint / entry["file"] for entry in manifest["models"].values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    linked = []
+    for target in sorted(Path(directory).glob("*.safetensors")):
+        for source in sources:
+            if _same_tensors(target, source):
+                pointer = target.with_name(f".{target.name}.link")
+                try:
+                    os.link(source, pointer)
+                    os.replace(pointer, target)
+                except OSError:  # no hard links here (some network/FUSE filesystems)
+                    pointer.unlink(missing_ok=True)
+                    break
+                linked.append(target.name)
+                break
+    return linked
+
+
+def _same_tensors(target: Path, source: Path) -> bool:
+    """Whether two safetensors files hold the same tensors, byte for byte, and ``source``'s
+    metadata includes ``target``'s (compared one tensor at a time, so memory stays small)."""
+    try:
+        with (
+            safe_open(str(target), framework="pt") as a,
+            safe_open(str(source), framework="pt") as b,
+        ):
+            if set(a.keys()) != set(b.keys()):
+                return False
+            meta_a, meta_b = a.metadata() or {}, b.metadata() or {}
+            if any(meta_b.get(k) != v for k, v in meta_a.items()):
+                return False
+            for key in a.keys():
+                x, y = a.get_slice(key), b.get_slice(key)
+                if x.get_dtype() != y.get_dtype() or x.get_shape() != y.get_shape():
+                    return False
+            for key in a.keys():
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                if x.numel() and not torch.equal(
+                    x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
+                ):
+                    return False
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,8 +648,14 @@ def apply_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     accelerator: Accelerator | None = None,
+    missing_optimizer: str = "error",
 ) -> tuple[int, dict[str, Any]]:
-    """Restore what :func:`read_checkpoint` read, in place; return ``(step, states)``."""
+    """Restore what :func:`read_checkpoint` read, in place; return ``(step, states)``.
+
+    ``missing_optimizer``: what an ``optimizer`` passed for a checkpoint without optimizer state
+    (``save_optimizer=last`` or ``none``) means: ``"error"`` (a :class:`CheckpointError`) or
+    ``"warn"`` (a :class:`tether.errors.TetherWarning`; the optimizer restarts fresh, with the
+    learning rate the restored scheduler gives at the restored step)."""
     ckpt, manifest = data["path"], data["manifest"]
     saved = manifest["models"]
     missing = sorted(set(models) - set(saved))
@@ -559,8 +669,25 @@ def apply_checkpoint(
     for name, module in models.items():
         state, partial = data["models"][name]
         _apply_weights(module, state, partial, ckpt / saved[name]["file"], name, accelerator)
+    fresh_optimizer = False
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is None:
+            continue
+        if not manifest[key] and key == "optimizer" and missing_optimizer == "warn":
+            why = (
+                "it was dropped when a newer checkpoint was written (save_optimizer=last)"
+                if manifest.get("optimizer_dropped")
+                else "saved without it: save_optimizer=none, or an end-of-run checkpoint at a "
+                "step save_steps does not hit"
+            )
+            warnings.warn(
+                f"{ckpt} holds no optimizer state ({why}): the optimizer restarts fresh "
+                "(AdamW moments at zero) from the restored weights, so the resumed run will "
+                "not match an uninterrupted one exactly",
+                TetherWarning,
+                stacklevel=3,
+            )
+            fresh_optimizer = True
             continue
         if not manifest[key]:
             raise CheckpointError(f"{ckpt} has no {key} state, but a {key} was passed to restore")
@@ -571,6 +698,11 @@ def apply_checkpoint(
                 f"{ckpt}: the saved {key} state does not fit this run's {key} ({exc}); was the "
                 "model, peft or optimizer setup changed?"
             ) from exc
+    if fresh_optimizer and scheduler is not None:
+        # A restored scheduler does not touch the optimizer's learning rates (a restored
+        # optimizer carries them); a fresh optimizer needs the schedule's value at this step.
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     rng_file = ckpt / f"rng-{_rank(accelerator)}.pt"
     if data["rng"] is not None:
         _set_rng_state(data["rng"], rng_file)

@@ -74,6 +74,46 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+TRACKERS: dict[str, str] = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+}
+"""``report_to`` name → the module it needs (also its pip package; MLflow's lighter
+``mlflow-skinny`` provides the ``mlflow`` module too)."""
+NO_TRACKERS = ("none", "")
+"""``report_to`` values that mean metrics.jsonl only."""
+
+
+def normalize_report_to(value: str | Sequence[str] | None) -> list[str]:
+    """``report_to`` as a list of distinct tracker names, in order.
+
+    Accepts a list, one name as a string, or ``none`` / ``null`` / ``[]`` for none. Raises a
+    ``ValueError`` naming an unknown tracker and the choices.
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"report_to: expected tracker names, got {item!r}")
+        name = item.strip().lower()
+        if name in NO_TRACKERS:
+            if len(items) > 1:
+                raise ValueError(f"report_to: {item!r} cannot be combined with other trackers")
+            continue
+        if name not in TRACKERS:
+            choices = ", ".join(TRACKERS)
+            raise ValueError(
+                f"report_to: unknown tracker {item!r}; choose from {choices} (or none)"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Fields every trainer shares. Algorithm configs extend it; a subclass that defines
@@ -92,6 +132,12 @@ class RunConfig:
         500, help="Save a checkpoint every N optimizer steps (0: at the end only)."
     )
     keep_last: int | None = option(2, help="Checkpoints kept on disk, newest first (null: all).")
+    save_optimizer: Literal["last", "all", "none"] = option(
+        "last",
+        help="Optimizer state (AdamW: 2× the weights) in checkpoints. last: only the newest "
+        "checkpoint keeps it, and an end-of-run checkpoint at a step save_steps does not hit "
+        "has none; all: every checkpoint; none: never (a resume then restarts the optimizer).",
+    )
     overwrite: bool = option(
         False,
         help="Start over in an output_dir that holds a run: its checkpoints, metrics and final/ "
@@ -108,8 +154,23 @@ class RunConfig:
         "i.e. an Ampere+ GPU or a CPU with AVX512-BF16/AMX; else no). Log-softmax, KL and "
         "losses stay fp32.",
     )
+    report_to: list[str] | str | None = option(
+        ["tensorboard"],
+        help="Experiment trackers that get the metrics besides metrics.jsonl: a list of "
+        "tensorboard, wandb, mlflow, trackio ([] or none: metrics.jsonl only); each writes "
+        "inside output_dir (W&B offline unless WANDB_MODE is set).",
+    )
+    tracker_project: str = option(
+        "tether", help="Project (W&B, trackio) or experiment (MLflow) the trackers file it under."
+    )
+    run_name: str | None = option(
+        None, help="The run's name in the trackers (null: output_dir's last component)."
+    )
 
     def __post_init__(self) -> None:
+        self.report_to = normalize_report_to(self.report_to)
+        if not self.tracker_project:
+            raise ValueError("tracker_project must not be empty")
         for name in ("max_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -117,6 +178,10 @@ class RunConfig:
             raise ValueError(f"save_steps must be ≥ 0, got {self.save_steps}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be ≥ 1 or null, got {self.keep_last}")
+        if self.save_optimizer not in ("last", "all", "none"):
+            raise ValueError(
+                f"save_optimizer must be last, all or none, got {self.save_optimizer!r}"
+            )
         if not self.output_dir:
             raise ValueError("output_dir must not be empty")
         if self.overwrite and self.resume:
@@ -525,13 +590,62 @@ def load_config(
             naming the key and the file or override it came from.
     """
     check_config_class(cls)
-    data = _read_yaml_mapping(Path(path)) if path is not None else {}
+    data = {}
+    if path is not None:
+        data = resolve_recipe_paths(_read_yaml_mapping(Path(path)), Path(path).parent)
     for override in overrides:
         _apply_override(cls, data, override)
     sources = [str(path)] if path is not None else []
     if overrides:
         sources.append("overrides " + " ".join(overrides))
     return _build(cls, data, _Where("", " with ".join(sources) or "the defaults"))
+
+
+NOT_RECIPE_RELATIVE = frozenset({"output_dir"})
+"""Keys whose relative paths stay relative to the working directory (where runs are written)."""
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` as the user would type it: relative to the working directory when it lies under
+    it (so a recipe run from the repository root records ``data/x.jsonl``, as before), else
+    absolute."""
+    absolute = os.path.normpath(os.path.abspath(path))
+    relative = os.path.relpath(absolute, os.getcwd())
+    return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def _recipe_relative(value: str, base: Path) -> str:
+    """``value`` resolved against the recipe's directory ``base`` when it names something
+    there (a file, a directory, or ``PATH:SPLIT`` whose PATH exists); otherwise unchanged (a
+    model or reward name, a hub id, a path relative to the working directory)."""
+    if not value or os.path.isabs(value) or "://" in value or value.startswith("~"):
+        return value
+    if (base / value).exists():
+        return _shown_path(base / value)
+    for at in (i for i, ch in enumerate(value) if ch == ":"):  # PATH:SPLIT, PATH:CONFIG:SPLIT
+        if at and (base / value[:at]).exists():
+            return f"{_shown_path(base / value[:at])}{value[at:]}"
+    return value
+
+
+def resolve_recipe_paths(data: Any, base: Path, key: str = "") -> Any:
+    """Resolve the relative paths in a recipe's values against the recipe file's directory
+    ``base``, so ``tether train grpo -c /elsewhere/recipes/grpo.yaml`` finds the data the recipe
+    names (``prompts: ../data/prompts.jsonl``) from any working directory.
+
+    A string value (or a string in a list) is resolved only when the path exists relative to
+    the recipe (names such as ``vader`` or ``smollm2-135m-instruct`` never do); ``output_dir`` is
+    never resolved: runs are written relative to the working directory. Overrides on the command
+    line are not recipe values: they stay relative to the working directory."""
+    if base.resolve() == Path.cwd().resolve() or key in NOT_RECIPE_RELATIVE:
+        return data
+    if isinstance(data, str):
+        return _recipe_relative(data, base)
+    if isinstance(data, Mapping):
+        return {k: resolve_recipe_paths(v, base, str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_recipe_paths(v, base, key) for v in data]
+    return data
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:

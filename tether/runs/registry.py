@@ -1,18 +1,37 @@
-"""The algorithms ``tether train ALGO`` knows: a plain dict of name → lazy loader.
+"""The algorithms ``tether train ALGO`` knows: plain dicts of name → lazy loader.
 
-A loader takes no arguments, imports its trainer module (so ``tether --help`` and the other
-commands never import every trainer) and returns ``(ConfigClass, train_fn)``: the config
-dataclass (a :class:`tether.runs.config.RunConfig` subclass) and the function that trains from a
-config instance. A trainer module adds itself with a function in this file::
+Two loaders per algorithm, both taking no arguments:
 
-    def _dpo() -> TrainerSpec:
-        from tether.train.dpo import DPOConfig, train
+* :data:`TRAINERS` — imports the trainer module (torch, transformers, accelerate: ≈10 s) and
+  returns ``(ConfigClass, train_fn)``: the config dataclass (a
+  :class:`tether.runs.config.RunConfig` subclass) and the function that trains from an instance.
+  Only training calls it.
+* :data:`CONFIGS` — imports only the config module in :mod:`tether.configs` (no torch) and returns
+  the same class. ``--help-config`` and ``--print-config`` use it (:func:`get_config`), so they
+  answer in well under a second.
 
-        return DPOConfig, train
+Adding an algorithm (e.g. ``sft``): put its config dataclass in ``tether/configs/sft.py`` (the
+rules of :mod:`tether.configs`: no torch/transformers/accelerate/datasets imports at module
+level), import it in the trainer module (``from tether.configs.sft import SFTConfig``, so
+``tether.train.sft.SFTConfig`` is the same class), then add both loaders and a summary here::
 
-    TRAINERS["dpo"] = _dpo
+    def _sft() -> TrainerSpec:
+        from tether.train.sft import SFTConfig, train
 
-or, from outside the package (plugins, tests), with :func:`register_trainer`.
+        return SFTConfig, train
+
+    def _sft_config() -> type:
+        from tether.configs.sft import SFTConfig
+
+        return SFTConfig
+
+    TRAINERS["sft"] = _sft
+    CONFIGS["sft"] = _sft_config
+
+``tests/runs/test_startup.py`` checks, for every algorithm in :data:`TRAINERS`, that
+``--help-config`` and ``--print-config`` import no torch and that both loaders give the same class.
+From outside the package (plugins, tests) use :func:`register_trainer`; without a ``config``
+loader, :func:`get_config` falls back to the trainer loader (correct, only slower).
 """
 
 from __future__ import annotations
@@ -26,9 +45,13 @@ from tether.errors import TetherError
 TrainerSpec = tuple[type, Callable[[Any], Any]]
 """(config dataclass, train function taking an instance of it)."""
 TrainerLoader = Callable[[], TrainerSpec]
+ConfigLoader = Callable[[], type]
 
 TRAINERS: dict[str, TrainerLoader] = {}
 """Algorithm name → zero-argument loader returning ``(ConfigClass, train_fn)``."""
+CONFIGS: dict[str, ConfigLoader] = {}
+"""Algorithm name → zero-argument loader returning its config class from :mod:`tether.configs`
+(no torch import)."""
 
 
 class UnknownTrainerError(TetherError, KeyError):
@@ -39,6 +62,7 @@ class UnknownTrainerError(TetherError, KeyError):
 
 
 SUMMARIES: dict[str, str] = {
+    "sft": "supervised fine-tuning (prompt/completion, messages or text): the reference model",
     "dpo": "offline DPO family (sigmoid, IPO, hinge, robust, χ²PO, …) on preference pairs",
     "reward": "Bradley–Terry reward model on preference pairs",
     "online_dpo": "online DPO: pairs sampled from the policy, ranked by a judge reward",
@@ -51,9 +75,12 @@ SUMMARIES: dict[str, str] = {
 """Algorithm name → one line for ``tether train --help`` (no trainer module is imported)."""
 
 
-def register_trainer(name: str, loader: TrainerLoader, summary: str = "") -> None:
-    """Add an algorithm to :data:`TRAINERS` (and its one-line ``summary`` to
-    :data:`SUMMARIES`); a name already taken is an error."""
+def register_trainer(
+    name: str, loader: TrainerLoader, summary: str = "", config: ConfigLoader | None = None
+) -> None:
+    """Add an algorithm to :data:`TRAINERS` (its one-line ``summary`` to :data:`SUMMARIES`, and
+    a ``config`` loader that imports no torch to :data:`CONFIGS`); a name already taken is an
+    error."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"trainer name {name!r} must be letters, digits, '_' or '-'")
     if name in TRAINERS:
@@ -61,6 +88,8 @@ def register_trainer(name: str, loader: TrainerLoader, summary: str = "") -> Non
     TRAINERS[name] = loader
     if summary:
         SUMMARIES[name] = summary
+    if config is not None:
+        CONFIGS[name] = config
 
 
 def algorithms_help() -> str:
@@ -72,20 +101,47 @@ def algorithms_help() -> str:
     return "\n".join(lines)
 
 
-def get_trainer(name: str) -> TrainerSpec:
-    """Load the trainer ``name``: ``(ConfigClass, train_fn)``.
-
-    Raises:
-        UnknownTrainerError: ``name`` is not registered; the message lists close matches and
-            every known algorithm.
-    """
+def _check_known(name: str) -> None:
+    """Raise :class:`UnknownTrainerError` (close matches, every known algorithm) unless ``name``
+    is registered."""
     if name not in TRAINERS:
         known = sorted(TRAINERS)
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" did you mean {' or '.join(map(repr, close))}?" if close else ""
         listing = ", ".join(known) if known else "none registered yet"
         raise UnknownTrainerError(f"unknown algorithm {name!r};{hint} known algorithms: {listing}")
+
+
+def get_trainer(name: str) -> TrainerSpec:
+    """Load the trainer ``name``: ``(ConfigClass, train_fn)`` (imports torch).
+
+    Raises:
+        UnknownTrainerError: ``name`` is not registered; the message lists close matches and
+            every known algorithm.
+    """
+    _check_known(name)
     return TRAINERS[name]()
+
+
+def get_config(name: str) -> type:
+    """The config class of algorithm ``name``, without importing its trainer where
+    :data:`CONFIGS` has a loader for it (else from :data:`TRAINERS`: the same class, slower).
+
+    Raises:
+        UnknownTrainerError: as :func:`get_trainer`.
+    """
+    _check_known(name)
+    loader = CONFIGS.get(name)
+    return loader() if loader is not None else TRAINERS[name]()[0]
+
+
+def _sft() -> TrainerSpec:
+    from tether.train.sft import SFTConfig, train
+
+    return SFTConfig, train
+
+
+TRAINERS["sft"] = _sft
 
 
 def _dpo() -> TrainerSpec:
@@ -158,3 +214,66 @@ def _trpo() -> TrainerSpec:
 
 
 TRAINERS["trpo"] = _trpo
+
+
+# Config-only loaders (tether.configs, no torch): --help-config and --print-config.
+
+
+def _dpo_config() -> type:
+    from tether.configs.dpo import DPOConfig
+
+    return DPOConfig
+
+
+def _reward_config() -> type:
+    from tether.configs.reward_model import RewardConfig
+
+    return RewardConfig
+
+
+def _online_dpo_config() -> type:
+    from tether.configs.online_dpo import OnlineDPOConfig
+
+    return OnlineDPOConfig
+
+
+def _ppo_config() -> type:
+    from tether.configs.ppo import PPOConfig
+
+    return PPOConfig
+
+
+def _ppo_penalty_config() -> type:
+    from tether.configs.ppo import PPOPenaltyConfig
+
+    return PPOPenaltyConfig
+
+
+def _grpo_config() -> type:
+    from tether.configs.grpo import GRPOConfig
+
+    return GRPOConfig
+
+
+def _rloo_config() -> type:
+    from tether.configs.grpo import RLOOConfig
+
+    return RLOOConfig
+
+
+def _trpo_config() -> type:
+    from tether.configs.trpo import TRPOConfig
+
+    return TRPOConfig
+
+
+CONFIGS.update(
+    dpo=_dpo_config,
+    reward=_reward_config,
+    online_dpo=_online_dpo_config,
+    ppo=_ppo_config,
+    ppo_penalty=_ppo_penalty_config,
+    grpo=_grpo_config,
+    rloo=_rloo_config,
+    trpo=_trpo_config,
+)

@@ -4,7 +4,9 @@ Layout of ``<run>/``::
 
     config.yaml      the resolved config (what ``load_config`` reads back to an equal object)
     metrics.jsonl    one JSON object per ``log`` call: {"step": 12, "time": 1.7e9, "kl/mean": ...}
-    tb/              the same scalars as TensorBoard events
+    tb/              the same scalars as TensorBoard events (``report_to`` has tensorboard)
+    wandb/ mlruns/ trackio/ trackers.json
+                     the other ``report_to`` trackers (see ``tether.runs.trackers``)
     checkpoints/     step-000500/, step-001000/, latest  (see ``tether.runs.checkpoint``)
 
 A trainer's skeleton::
@@ -36,7 +38,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -58,11 +60,20 @@ from tether.runs.checkpoint import (
     StateDict,
     apply_checkpoint,
     check_finite_weights,
+    latest_checkpoint,
+    link_identical_weights,
     list_checkpoints,
     read_checkpoint,
     save_checkpoint,
 )
-from tether.runs.config import RunConfig, config_to_dict, save_config
+from tether.runs.config import RunConfig, config_to_dict, normalize_report_to, save_config
+from tether.runs.trackers import (
+    DEFAULT_REPORT_TO,
+    TENSORBOARD_DIR,
+    TRACKER_OUTPUTS,
+    Trackers,
+    check_tracker_packages,
+)
 
 try:  # POSIX advisory locks; elsewhere run directories are not locked
     import fcntl
@@ -71,22 +82,26 @@ except ImportError:  # pragma: no cover
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from torch.utils.tensorboard import SummaryWriter
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tb"
 RESERVED_METRIC_KEYS = ("step", "time")
 """Keys every metrics line carries; a metric may not use them."""
-TENSORBOARD_FLUSH_SECS = 30
-"""How often TensorBoard events reach the disk (metrics.jsonl is flushed on every line)."""
 FINAL_DIR = "final"
 """The trained model, written atomically at the end of a run (see :meth:`RunDir.write_final`)."""
 LOCK_FILE = ".lock"
 """Held (``flock``) by the run writing the directory; names its process for the message."""
 MODEL_OUTPUTS = (FINAL_DIR, "reward_model")
 """The trained-model directories a finished run leaves (LM trainers, the reward trainer)."""
-RUN_OUTPUTS = (METRICS_FILE, TENSORBOARD_DIR, "checkpoints", *MODEL_OUTPUTS, "best", "samples")
+RUN_OUTPUTS = (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    *TRACKER_OUTPUTS,
+    "checkpoints",
+    *MODEL_OUTPUTS,
+    "best",
+    "samples",
+)
 """What a run writes into its directory: ``overwrite=true`` deletes these (and config.yaml)."""
 RUN_MECHANICS_FIELDS = frozenset(
     {
@@ -97,7 +112,11 @@ RUN_MECHANICS_FIELDS = frozenset(
         "logging_steps",
         "save_steps",
         "keep_last",
+        "save_optimizer",
         "max_bad_steps",
+        "report_to",
+        "tracker_project",
+        "run_name",
         "eval_episodes",  # (control: the evaluation after training)
     }
 )
@@ -279,6 +298,15 @@ class RunDir:
         resume: continue the run already in ``path``; without it, a directory that already holds
             metrics or checkpoints is an error rather than being mixed into.
         keep_last: checkpoints kept by :meth:`save` (``None``: all).
+        save_optimizer: which checkpoints hold the optimizer state: ``"last"`` (the newest only;
+            a checkpoint at a step that is not a multiple of ``save_steps``, i.e. the end of a
+            run, holds none), ``"all"`` or ``"none"``.
+        save_steps: the run's checkpoint interval (0: at the end only), for ``save_optimizer``.
+        report_to: the experiment trackers metrics also go to (see :mod:`tether.runs.trackers`);
+            an unknown name is a ``ValueError``, a tracker whose package is missing a
+            :class:`tether.runs.ConfigError`, both raised here, before anything is written.
+        tracker_project: the trackers' project (W&B, trackio) / experiment (MLflow).
+        run_name: the run's name in the trackers (default: the directory's name).
     """
 
     def __init__(
@@ -291,17 +319,33 @@ class RunDir:
         keep_last: int | None = 2,
         overwrite: bool = False,
         resume_override: bool = False,
+        save_optimizer: str = "last",
+        save_steps: int = 0,
+        report_to: str | Sequence[str] | None = DEFAULT_REPORT_TO,
+        tracker_project: str = "tether",
+        run_name: str | None = None,
     ) -> None:
+        trackers = normalize_report_to(report_to)
+        check_tracker_packages(trackers)
         self.path = Path(path)
         self.accelerator = accelerator
         self.resume = resume
         self.keep_last = keep_last
+        self.save_optimizer = save_optimizer
+        self.save_steps = save_steps
         self.is_main_process = accelerator is None or accelerator.is_main_process
         self.overridden: list[tuple[str, Any, Any]] = []
         """The differences from the saved config a ``resume_override`` resume applies."""
         self._restored_step: int | None = None
         self._metrics: IO[str] | None = None
-        self._tensorboard: SummaryWriter | None = None
+        self._config = config
+        self._trackers = Trackers(
+            trackers,
+            self.path,
+            project=tracker_project,
+            run_name=run_name or self.path.resolve().name,
+            accelerator=accelerator,
+        )
         self._locked = False
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output_dir {str(self.path)!r} is a file, expected a directory")
@@ -404,6 +448,11 @@ class RunDir:
             keep_last=config.keep_last,
             overwrite=getattr(config, "overwrite", False),
             resume_override=getattr(config, "resume_override", False),
+            save_optimizer=getattr(config, "save_optimizer", "last"),
+            save_steps=getattr(config, "save_steps", 0),
+            report_to=getattr(config, "report_to", DEFAULT_REPORT_TO),
+            tracker_project=getattr(config, "tracker_project", "tether"),
+            run_name=getattr(config, "run_name", None),
         )
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -455,6 +504,7 @@ class RunDir:
                     optimizer=optimizer,
                     scheduler=scheduler,
                     accelerator=self.accelerator,
+                    missing_optimizer="warn",
                 )
                 found = True
                 break
@@ -485,18 +535,37 @@ class RunDir:
     ) -> Path:
         """Save a checkpoint for ``step`` (see :func:`tether.runs.checkpoint.save_checkpoint`).
 
-        Non-finite weights are never written: they raise :class:`tether.errors.NumericalError`
-        naming the model, the step and the last good checkpoint, which stays on disk."""
+        The optimizer state goes in as ``save_optimizer`` says (:meth:`keeps_optimizer`); under
+        ``"last"`` the older checkpoints drop theirs once this one is installed. Non-finite
+        weights are never written: they raise :class:`tether.errors.NumericalError` naming the
+        model, the step and the last good checkpoint, which stays on disk."""
         return save_checkpoint(
             self.path,
             step,
             models=models,
-            optimizer=optimizer,
+            optimizer=optimizer if self.keeps_optimizer(step) else None,
             scheduler=scheduler,
             states=states,
             accelerator=self.accelerator,
             keep_last=self.keep_last,
+            drop_older_optimizers=self.save_optimizer == "last",
         )
+
+    def keeps_optimizer(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` holds the optimizer state: always under
+        ``save_optimizer="all"``, never under ``"none"``; under ``"last"`` at the steps
+        ``save_steps`` hits (every step when it is 0), not at an end-of-run step between them.
+
+        Why the end-of-run exception: AdamW's state is twice the weights, and a finished run's
+        last checkpoint is there to extend the run (``resume=true max_steps=...``), which then
+        continues from its weights, schedule, RNG and data position with fresh optimizer
+        moments (and a warning). A run that must extend bit-identically sets ``save_steps`` to
+        a divisor of ``max_steps`` (or 0) or ``save_optimizer=all``."""
+        if self.save_optimizer == "none":
+            return False
+        if self.save_optimizer == "all":
+            return True
+        return not self.save_steps or step % self.save_steps == 0
 
     def write_final(
         self, save: Any, models: Mapping[str, nn.Module] | None = None, name: str = FINAL_DIR
@@ -519,6 +588,9 @@ class RunDir:
                     shutil.rmtree(leftover)
             try:
                 save(tmp)
+                # One copy of the weights on disk: final/'s file becomes a hard link to the
+                # end-of-run checkpoint's where the tensors are the same (not for LoRA adapters).
+                link_identical_weights(tmp, latest_checkpoint(self.path))
                 if final.exists():
                     os.replace(final, old)
                 os.replace(tmp, final)
@@ -535,10 +607,11 @@ class RunDir:
     # -- metrics ---------------------------------------------------------------------------------
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (flushed) and to TensorBoard.
+        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (flushed) and log the metrics
+        to the ``report_to`` trackers (TensorBoard by default).
 
         Values may be numbers, 1-element tensors or numpy scalars; NaN/inf are written as
-        ``null`` to the JSON (and as they are to TensorBoard).
+        ``null`` to the JSON (and as they are to the trackers).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int ≥ 0, got {step!r}")
@@ -556,43 +629,36 @@ class RunDir:
         now = time.time()
         record: dict[str, Any] = {"step": step, "time": now}
         record.update({k: v if math.isfinite(v) else None for k, v in values.items()})
-        metrics_file, tensorboard = self._writers()
+        metrics_file = self._writers()
         metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         metrics_file.flush()
-        if tensorboard is not None:
-            for key, value in values.items():
-                tensorboard.add_scalar(key, value, global_step=step, walltime=now)
+        self._trackers.log(values, step, now)
 
-    def _writers(self) -> tuple[IO[str], SummaryWriter | None]:
-        """Open metrics.jsonl and the TensorBoard writer on the first log (after restore())."""
+    def _writers(self) -> IO[str]:
+        """Open metrics.jsonl and start the trackers on the first log (after restore()): a
+        resumed run continues the trackers' runs and TensorBoard hides the events after the
+        restored step."""
         if self._metrics is None:
             self._metrics = (self.path / METRICS_FILE).open("a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the `tensorboard` package is missing
-                warnings.warn(
-                    "tensorboard is not installed: metrics go to metrics.jsonl only "
-                    "(pip install tensorboard)",
-                    stacklevel=3,
-                )
-            else:
-                purge = None if self._restored_step is None else self._restored_step + 1
-                self._tensorboard = SummaryWriter(
-                    str(self.path / TENSORBOARD_DIR),
-                    purge_step=purge if self.resume else None,
-                    flush_secs=TENSORBOARD_FLUSH_SECS,
-                )
-        return self._metrics, self._tensorboard
+            purge = None if self._restored_step is None else self._restored_step + 1
+            restored = self._restored_step is not None and self._restored_step >= 0
+            config = self._config
+            if config is not None and not isinstance(config, Mapping):
+                config = config_to_dict(config)
+            self._trackers.start(
+                config,
+                resume=self.resume and restored,
+                purge_step=purge if self.resume else None,
+            )
+        return self._metrics
 
     def close(self) -> None:
-        """Flush and close the metrics file and TensorBoard writer, and release the directory's
-        lock (safe to call twice)."""
+        """Flush and close the metrics file and finish the trackers, and release the
+        directory's lock (safe to call twice)."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        self._trackers.finish()
         if self._locked:
             self._locked = False
             _release_lock(self.path)

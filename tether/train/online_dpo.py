@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from tether.core.controllers import AdaptiveKL, FixedKL, KLController, check_horizon
+from tether.configs.online_dpo import OnlineDPOConfig  # the config lives in tether.configs
+from tether.core.controllers import AdaptiveKL, FixedKL, KLController
 from tether.core.kl import anchored_ref_logp, k1, k3
-from tether.core.losses import DPOLossType, dpo_loss
+from tether.core.losses import dpo_loss
 from tether.core.masked import masked_sum
 from tether.data import load_prompt_dataset
 from tether.models import SamplingConfig, generate
@@ -40,12 +40,10 @@ from tether.models.numerics import (
 from tether.models.rollout import SHARDED, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import call_reward, make_reward
-from tether.runs import Progress
-from tether.runs.config import option
+from tether.runs.progress import Progress
 from tether.train.common import (
     DataCursor,
     PolicyLogProbs,
-    SamplingTrainConfig,
     load_trainable_policy,
     make_accelerator,
     make_evaluator,
@@ -61,56 +59,6 @@ from tether.train.common import (
 from tether.train.distributed import Dist, MetricSums, check_same, global_count
 from tether.train.dpo import sequence_logps
 from tether.train.guards import StepGuard
-
-
-@dataclass
-class OnlineDPOConfig(SamplingTrainConfig):
-    """Online DPO: sample pairs from the policy, judge them, update."""
-
-    judge: str = option(
-        "vader", help="Reward: built-in name, reward-model dir, or module:function."
-    )
-    beta: float = option(0.1, help="β (initial β for linear/adaptive schedules).")
-    beta_schedule: Literal["constant", "linear", "adaptive"] = option(
-        "constant", help="How β changes: constant, linear to beta_end, or adaptive to kl_target."
-    )
-    beta_end: float = option(0.1, help="Final β of the linear schedule.")
-    kl_target: float = option(4.0, help="On-policy KL (nats per sequence) the adaptive β holds.")
-    kl_horizon: float = option(2000.0, help="AdaptiveKL horizon, in samples.")
-    loss_type: DPOLossType = option(
-        "sigmoid", help="sigmoid | cdpo | ipo | robust | hinge | chi2po."
-    )
-    label_smoothing: float = option(0.0, help="ε: assumed label-flip rate (cdpo, robust).")
-    reference: Literal["copy", "adapter", "synced"] = option(
-        "copy", help="Reference kind (adapter needs LoRA)."
-    )
-    min_score_gap: float = option(0.0, help="Skip pairs whose judge scores differ by ≤ this.")
-    learning_rate: float = option(5e-7, help="AdamW peak learning rate.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("beta", "beta_end", "kl_target", "kl_horizon"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not 0 <= self.min_score_gap < math.inf:
-            raise ValueError(f"min_score_gap must be a finite number ≥ 0, got {self.min_score_gap}")
-        if self.beta_schedule == "adaptive":
-            # Two samples per prompt; n_steps is global (× processes): AdaptiveKL.update checks
-            # that at the first step.
-            check_horizon(
-                self.kl_horizon,
-                2 * self.batch_size,
-                name="kl_horizon",
-                steps="2·batch_size",
-                note="the samples per update of one process; N processes need N times more",
-            )
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                "online_dpo samples a fresh batch per step: use batch_size, not "
-                "gradient_accumulation_steps"
-            )
 
 
 def beta_controller(cfg: OnlineDPOConfig) -> KLController:

@@ -25,25 +25,22 @@ pairs, and :func:`tether.rewards.model.load_reward_model` turns it into a reward
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from tether.configs.reward_model import RewardConfig  # the config lives in tether.configs
 from tether.core.losses import bradley_terry_loss
 from tether.data import PreferenceExample, collate_preferences
 from tether.rewards.model import RewardModel, RewardNormalization, backbone_context_length
-from tether.runs import Progress
 from tether.runs.checkpoint import trainable_state_dict
-from tether.runs.config import option
+from tether.runs.progress import Progress
 from tether.train.common import (
     DataCursor,
-    PreferenceDataConfig,
     load_preference_split,
     make_accelerator,
     make_optimizer,
@@ -58,31 +55,6 @@ REWARD_MODEL_DIR = "reward_model"
 """Sub-directory of the run directory the trained reward model is saved to."""
 CHECKPOINT_MODEL_NAME = "reward_model"
 """The model's name inside checkpoints."""
-
-
-@dataclass
-class RewardConfig(PreferenceDataConfig):
-    """Bradley–Terry reward-model training."""
-
-    margin: float | None = option(
-        None, help="Margin m in −log σ(r_w − r_l − m) (Llama 2); null: no margin."
-    )
-    center_rewards_coefficient: float | None = option(
-        None, help="Weight of mean((r_w + r_l)²), pulling rewards towards 0 (TRL); null: off."
-    )
-    normalization_samples: int = option(
-        1024, help="Training pairs scored at the end for the saved reward mean/std (0: skip)."
-    )
-    learning_rate: float = option(1e-5, help="AdamW peak learning rate.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("margin", "center_rewards_coefficient"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number ≥ 0 or null (off), got {value}")
-        if self.normalization_samples < 0:
-            raise ValueError(f"normalization_samples must be ≥ 0, got {self.normalization_samples}")
 
 
 def centering_penalty(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
