@@ -90,6 +90,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    if os.environ.get("RANK", "0") == "0":  # a first line at once: the imports take seconds
+        print(f"tether train {args.algo}: {config.output_dir}: loading the trainer", flush=True)
     _, train_fn = get_trainer(args.algo)  # the trainer module (torch), only to train
     train_fn(config)
     return 0

@@ -33,6 +33,11 @@ def _cls(name: str) -> type:
 
 # (config class or trainer name, overrides, the option the message must name)
 BAD_OPTIONS = [
+    # SFT
+    ("sft", ["eval_fraction=1.0"], "eval_fraction"),
+    ("sft", ["max_length=1"], "max_length"),
+    ("sft", ["eval_steps=-1"], "eval_steps"),
+    ("sft", ["learning_rate=0"], "learning_rate"),
     # DPO (preference data and the shared model/optimiser fields)
     ("dpo", ["beta=0"], "beta"),
     ("dpo", ["beta=.nan"], "beta"),

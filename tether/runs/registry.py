@@ -219,6 +219,12 @@ TRAINERS["trpo"] = _trpo
 # Config-only loaders (tether.configs, no torch): --help-config and --print-config.
 
 
+def _sft_config() -> type:
+    from tether.configs.sft import SFTConfig
+
+    return SFTConfig
+
+
 def _dpo_config() -> type:
     from tether.configs.dpo import DPOConfig
 
@@ -268,6 +274,7 @@ def _trpo_config() -> type:
 
 
 CONFIGS.update(
+    sft=_sft_config,
     dpo=_dpo_config,
     reward=_reward_config,
     online_dpo=_online_dpo_config,
