@@ -362,8 +362,8 @@ def _generate(args: argparse.Namespace) -> int:
     out = write_jsonl(args.out, rows)
     stats = summarize(rows)
     print(f"{len(rows)} responses ({len(examples)} prompts × {args.n}) written to {out}")
-    if reference is not None:
-        print(f"KL per response to {reference.name} (mean ± standard error):")
+    kl_to = f"; kl/*: KL to {reference.name}" if reference is not None else ""
+    print(f"per response, mean ± standard error{kl_to}:")
     for line in format_summary(stats):
         print(line)
     return 0
