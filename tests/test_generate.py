@@ -63,7 +63,10 @@ def test_cli_writes_one_row_per_response_with_rewards_and_kl(files, tmp_path, ca
         assert r["rewards"]["vowel_fraction"] == vowel_fraction([], [r["response"]])[0]
         assert r["rewards"]["length"] == pytest.approx(len(r["response"]) / 100)
         assert set(r["kl"]) == {"exact", "k1", "k3"} and r["kl"]["exact"] > 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # without a terminal, progress is one plain line per batch, before the summary
+    assert printed.splitlines()[0].startswith("generate step 6/6")
     mean_exact = sum(r["kl"]["exact"] for r in rows) / 6
     line = next(x for x in printed.splitlines() if "kl/exact" in x)
     assert f"{mean_exact:.4f} ±" in line

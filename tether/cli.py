@@ -345,17 +345,23 @@ def _generate(args: argparse.Namespace) -> int:
             f"reference: {reference.name if reference else 'none'}",
             file=sys.stderr,
         )
-        rows = generate_rows(
-            policy.model,
-            policy.tokenizer,
-            examples,
-            sampling,
-            n=args.n,
-            rewards=rewards,
-            reference=reference.policy if reference else None,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        from tether.runs.progress import Progress
+
+        total = len(examples) * args.n
+        # a bar on a terminal, one plain line per batch otherwise (as the trainers do)
+        with Progress(total, description="generate") as bar:
+            rows = generate_rows(
+                policy.model,
+                policy.tokenizer,
+                examples,
+                sampling,
+                n=args.n,
+                rewards=rewards,
+                reference=reference.policy if reference else None,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                on_batch=lambda done: bar.update(done, {"responses": f"{done}/{total}"}),
+            )
     except (ValueError, ImportError, OSError) as exc:  # DataError, RewardError, ModelError too
         print(f"tether generate: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.cli import main
+from tether.core.losses import nll_sum
 from tether.data.errors import DataError
 from tether.data.sft import collate_sft, load_sft_dataset
 from tether.models import load_policy, tiny_causal_lm
@@ -20,7 +21,7 @@ from tether.models.logprobs import backbone_and_head, position_ids_from_mask
 from tether.models.packing import packing_supported, plan_packing
 from tether.runs import read_metrics
 from tether.runs.config import ConfigError
-from tether.train.sft import SFTConfig, SFTLogProbs, evaluate, micro_nll, nll_sum, train
+from tether.train.sft import SFTConfig, SFTLogProbs, evaluate, micro_nll, train
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = "<|im_end|>"

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tether.configs.literals import DPOLossType
 from tether.core.kl import k3
-from tether.core.masked import Aggregation, aggregate, masked_mean
+from tether.core.masked import Aggregation, aggregate, masked_mean, masked_sum
 
 DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
@@ -147,6 +147,23 @@ def dpo_loss(
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),
     )
+
+
+def nll_sum(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Σ over the loss positions of −log π(x_t | x_<t), in fp32: the maximum-likelihood
+    objective of supervised fine-tuning (Ouyang et al. 2022, arXiv:2203.02155, §3.5: "SFT";
+    TRL's ``completion_only_loss``), before its division by the token count.
+
+    Args:
+        token_logps: (B, T−1) log-probs of the next tokens (position t holds token t+1's).
+        mask: (B, T−1) bool, True where the next token is a loss token.
+
+    Returns:
+        A scalar; divided by the number of loss tokens (over the whole step, every process) it
+        is the token-mean NLL. A masked position never contributes, even when it holds NaN.
+    """
+    _check_same_shape(token_logps=token_logps, mask=mask)
+    return -masked_sum(token_logps.float(), mask)
 
 
 def bradley_terry_loss(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tether.configs.sft import SFTConfig  # the config lives in tether.configs (no torch)
-from tether.core.masked import masked_sum
+from tether.core.losses import nll_sum
 from tether.data.sft import SFTExample, collate_sft, load_sft_dataset
 from tether.models.loading import model_context_length
 from tether.runs.config import ConfigError
@@ -68,19 +68,6 @@ class SFTLogProbs(PolicyLogProbs):
         return forward_logprobs(
             self.model, input_ids, attention_mask, mask=mask, packing=self.packing
         ).logprobs
-
-
-def nll_sum(token_logps: Tensor, mask: Tensor) -> Tensor:
-    """Σ over loss positions of −log π(x_t | x_<t), in fp32.
-
-    Args:
-        token_logps: (B, T−1) log-probs of the next tokens (position t holds token t+1's).
-        mask: (B, T−1) bool, True where the next token is a loss token (``loss_mask[:, 1:]``).
-
-    Returns:
-        A scalar; divided by a token count it is the token-mean NLL (the SFT loss).
-    """
-    return -masked_sum(token_logps.float(), mask)
 
 
 def split_data(cfg: SFTConfig, tokenizer: Any) -> tuple[list[SFTExample], list[SFTExample]]:
