@@ -439,3 +439,16 @@ def make_reference(
             )
         return PrecomputedReference(precomputed_path)
     raise ValueError(f"reference kind must be one of copy/adapter/precomputed/synced, got {kind!r}")
+
+
+def shard_reference(reference: ReferencePolicy, device: torch.device) -> None:
+    """Under ``sharding=fsdp2``: shard a ``copy`` reference's model like the policy
+    (:func:`tether.models.sharding.shard_model`); an ``adapter`` reference is the sharded policy
+    itself and a ``precomputed`` one holds no model. Every process must call it; the copy's
+    fingerprint (taken when it was built, from the whole weights) is unchanged."""
+    from tether.models.sharding import shard_model
+
+    if isinstance(reference, CopyReference):
+        shard_model(reference.model, device)
+    elif isinstance(reference, SyncedReference):
+        raise ValueError("reference=synced does not support sharding=fsdp2")

@@ -47,6 +47,12 @@ class TrainConfig(RunConfig):
     gradient_accumulation_steps: int = option(
         1, help="Micro-batches per optimizer step; batch_size is split into this many."
     )
+    sharding: Literal["none", "fsdp2"] = option(
+        "none",
+        help="none: every process holds the whole model (DDP); fsdp2: parameters, gradients and "
+        "optimizer state sharded over processes (torch fully_shard per decoder block and at the "
+        "root), checkpoints sharded (torch.distributed.checkpoint), final/ one plain HF model.",
+    )
     max_bad_steps: int = option(
         10,
         help="A step with a non-finite loss, gradient norm, reward or KL is skipped (counted "
@@ -78,6 +84,8 @@ class TrainConfig(RunConfig):
         for name in ("batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.sharding not in ("none", "fsdp2"):
+            raise ValueError(f"sharding must be none or fsdp2, got {self.sharding!r}")
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation_steps "
@@ -124,6 +132,12 @@ class SamplingTrainConfig(EvalConfig, TrainConfig):
             raise ValueError(f"top_k must be ≥ 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.sharding == "fsdp2" and self.rollout_dtype in ("bf16", "fp16"):
+            raise ValueError(
+                f"rollout_dtype={self.rollout_dtype} samples from a whole copy of the weights, "
+                "which sharding=fsdp2 does not keep on any process: use rollout_dtype=auto or "
+                "train (sampling then runs on the sharded policy)"
+            )
         if self.kl_precision == "fp32" and self.dtype == "bfloat16":
             raise ValueError(
                 "kl_precision=fp32 needs fp32 weights, but dtype=bfloat16: use dtype=float32 "

@@ -50,6 +50,12 @@ class DPOConfig(EvalConfig, PreferenceDataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sharding == "fsdp2" and self.reference == "synced":
+            raise ValueError(
+                "reference=synced mixes the whole policy into its own copy every sync_tau steps "
+                "and saves that copy in every checkpoint, which sharding=fsdp2 does not support: "
+                "use reference=copy (sharded like the policy) or adapter (LoRA), or sharding=none"
+            )
         if not 0 < self.beta < math.inf:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

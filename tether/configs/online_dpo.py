@@ -39,6 +39,12 @@ class OnlineDPOConfig(SamplingTrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sharding == "fsdp2" and self.reference == "synced":
+            raise ValueError(
+                "reference=synced mixes the whole policy into its own copy every sync_tau steps "
+                "and saves that copy in every checkpoint, which sharding=fsdp2 does not support: "
+                "use reference=copy (sharded like the policy) or adapter (LoRA), or sharding=none"
+            )
         for name in ("beta", "beta_end", "kl_target", "kl_horizon"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")

@@ -352,6 +352,8 @@ class HeldOutEvaluator:
         self.ref_nll: float | None = None
         self.baseline: dict[str, tuple[float, float]] = {}
         self.n_samples = 0
+        self._every_process_all = False
+        """The policy is FSDP2-sharded: every process evaluates every item (see :meth:`_shard`)."""
         self.history = _History()
         self.warned: list[str] = []
         self.best: float | None = None
@@ -401,11 +403,17 @@ class HeldOutEvaluator:
     # -- process helpers ---------------------------------------------------------------------------
 
     def _shard(self, items: Sequence[Any]) -> list[tuple[int, Any]]:
+        """This process's share of ``items``. With an FSDP2-sharded policy every process takes
+        all of them: each forward is then a collective, and shares of different sizes (7 prompts
+        on 2 processes) would leave one process waiting in a forward the other never runs; every
+        process computes the same records (sampling is seeded per row), so no gather is needed."""
+        if self._every_process_all:
+            return list(enumerate(items))
         n, r = (1, 0) if self.acc is None else (self.acc.num_processes, self.acc.process_index)
         return [(i, x) for i, x in enumerate(items) if i % n == r]
 
     def _gather(self, records: list[Any]) -> list[Any]:
-        if self.acc is None or self.acc.num_processes == 1:
+        if self.acc is None or self.acc.num_processes == 1 or self._every_process_all:
             return records
         from accelerate.utils import gather_object
 
@@ -416,6 +424,8 @@ class HeldOutEvaluator:
         """Sharded parameters (FSDP, ZeRO-3): every forward is a collective."""
         from tether.models.rollout import SHARDED
 
+        if self._every_process_all:
+            return True
         return self.acc is not None and str(self.acc.distributed_type) in SHARDED
 
     @property
@@ -435,6 +445,9 @@ class HeldOutEvaluator:
         rank) and writes ``samples/step-NNNNNN.jsonl``. ``autocast``: the training numerics the
         samples are drawn in; the KLs, entropy and NLLs are fp32 when the weights are."""
         t0 = time.perf_counter()
+        from tether.models.sharding import is_sharded
+
+        self._every_process_all = is_sharded(model)
         base = unwrap_model(model)
         numerics: Callable[[], Any] = (
             (lambda: fp32_numerics(next(base.parameters()).device.type))
@@ -779,6 +792,9 @@ class HeldOutEvaluator:
         )
         if better:
             self.best, self.best_step, self.bad_evals = value, step, 0
+            from tether.models.sharding import collect_for_save
+
+            collect_for_save(save_best)  # a sharded policy is gathered on every process
             if self._main and self.run_path is not None:
                 write_best(self.run_path, save_best, {"step": step, "metric": key, "value": value})
         else:

@@ -175,7 +175,20 @@ def _fusable_head(head: nn.Module, softcap: float | None, scale: float, entropy:
     )
 
 
-def forward_logprobs(
+def forward_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+    """Log-probs of ``input_ids[:, 1:]`` under ``model``: :func:`forward_logprobs_unsharded`,
+    run through the model's FSDP2 forward method when its parameters are sharded
+    (:func:`tether.models.sharding.shard_model`), so they are gathered around the computation
+    as around ``forward``. Same arguments and result."""
+    from tether.models.sharding import LOGPROBS_METHOD
+
+    sharded_entry = getattr(unwrap_model(model), LOGPROBS_METHOD, None)
+    if sharded_entry is not None:
+        return sharded_entry(input_ids, attention_mask, _model=model, **kwargs)
+    return forward_logprobs_unsharded(model, input_ids, attention_mask, **kwargs)
+
+
+def forward_logprobs_unsharded(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor,

@@ -115,6 +115,16 @@ class RolloutWeights:
             d.copy_(s)
 
 
+def params_sharded(accelerator: Any, model: Any) -> bool:
+    """Whether the run's parameters are sharded across processes (accelerate's FSDP/DeepSpeed,
+    or tether's ``sharding=fsdp2``): every forward is then a collective."""
+    from tether.models.sharding import is_sharded
+
+    if accelerator is not None and str(accelerator.distributed_type) in SHARDED:
+        return True
+    return is_sharded(model)
+
+
 def rollout_weights(
     model: Any, setting: str, precision: str, sharded: bool = False
 ) -> RolloutWeights | None:

@@ -20,7 +20,13 @@ Under ``accelerate`` every process must call :func:`save_checkpoint` and :func:`
 (model state dicts are gathered with ``accelerator.get_state_dict``, which FSDP needs on every
 process); only the main process writes, except each process's RNG file. ``run_dir`` must be on a
 filesystem every process sees. Optimizer state is saved from the main process as is, which is
-right for DDP and single-process training, not for sharded (FSDP/ZeRO) optimizer state.
+right for DDP and single-process training.
+
+**Sharded models** (``sharding=fsdp2``: parameters that are ``DTensor`` shards): their weights and
+the optimizer state go into ``model/`` and ``optimizer/``, each a ``torch.distributed.checkpoint``
+(DCP) written collectively by every process (its own shards, into the same temporary directory
+before the rename). DCP reshards on load, so a checkpoint saved on N processes resumes on M.
+Frozen parameters (a LoRA base) are not saved: they come from the model as loaded.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ _TENSOR_REF = "__tensor__"
 _STATES_JSON = "states.json"
 _STATES_TENSORS = "states.pt"
 _OPTIMIZER_FILE = "optimizer.pt"
+_SHARDED_MODEL_DIR = "model"
+"""DCP directory of a checkpoint's sharded models (all of them, keyed by model name)."""
+_SHARDED_OPTIMIZER_DIR = "optimizer"
+"""DCP directory of the optimizer state of a checkpoint's sharded models."""
 _SCHEDULER_FILE = "scheduler.pt"
 
 StateDict = Mapping[str, torch.Tensor]
@@ -339,6 +349,75 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _sharded(models: Mapping[str, Any]) -> dict[str, nn.Module]:
+    from tether.models.sharding import is_sharded
+
+    return {n: m for n, m in models.items() if isinstance(m, nn.Module) and is_sharded(m)}
+
+
+def _dcp_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def _dcp_states(
+    models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """This process's shards of the models' (trainable) state and of the optimizer's, keyed by
+    model name, as DCP saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    container = nn.ModuleDict(dict(models))
+    opts = _dcp_options()
+    model_state = get_model_state_dict(container, options=opts)
+    optim_state = None
+    if optimizer is not None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        optim_state = get_optimizer_state_dict(container, inner, options=opts)
+    return model_state, optim_state
+
+
+def check_finite_shards(
+    models: Mapping[str, nn.Module], what: str, run_dir: str | os.PathLike[str]
+) -> None:
+    """:func:`check_finite_weights` of sharded models: each process checks its shards, the verdict
+    is reduced, so every process raises (or none does) before the collective write."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    bad = ""
+    for name, module in models.items():
+        for key, p in module.state_dict().items():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(local, torch.Tensor) and local.is_floating_point():
+                if not bool(torch.isfinite(local).all()):
+                    bad = bad or f"{name}:{key}"
+    flag = torch.tensor([1.0 if bad else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    if float(flag) > 0:
+        model, _, key = (bad or "?:?").partition(":")
+        last = latest_checkpoint(run_dir)
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was kept"
+        raise NumericalError(
+            f"model {model or 'the policy'!r} has non-finite weights "
+            f"({key or 'on another process'!r}); not writing {what} ({keep}). Lower "
+            "learning_rate, keep max_grad_norm on, or resume from the checkpoint"
+        )
+
+
+def _fsync_tree(path: Path) -> None:
+    for sub in sorted(path.rglob("*")):
+        if sub.is_file():
+            _fsync_file(sub)
+    for sub in sorted(p for p in path.rglob("*") if p.is_dir()):
+        _fsync_dir(sub)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -376,8 +455,13 @@ def save_checkpoint(
     for name in models:
         if not _MODEL_NAME.match(name):
             raise ValueError(f"model name {name!r} must match {_MODEL_NAME.pattern}")
+    sharded = _sharded(models)
+    if sharded:
+        check_finite_shards(sharded, f"the checkpoint of step {step}", run_dir)
     model_states: dict[str, tuple[StateDict, bool]] = {}
     for name, model in models.items():
+        if name in sharded:
+            continue
         if isinstance(model, nn.Module):
             full = accelerator.get_state_dict(model) if accelerator else model.state_dict()
             model_states[name] = (full, False)
@@ -399,6 +483,15 @@ def save_checkpoint(
     _barrier(accelerator)
     try:
         _torch_save(_rng_state(), tmp / f"rng-{_rank(accelerator)}.pt")
+        if sharded:  # collective: every process writes its shards
+            import torch.distributed.checkpoint as dcp
+
+            model_state, optim_state = _dcp_states(sharded, optimizer)
+            dcp.save(model_state, checkpoint_id=str(tmp / _SHARDED_MODEL_DIR))
+            if optim_state is not None:
+                dcp.save(
+                    {"optimizer": optim_state}, checkpoint_id=str(tmp / _SHARDED_OPTIMIZER_DIR)
+                )
         _barrier(accelerator)
         if main:
             manifest: dict[str, Any] = {
@@ -415,7 +508,15 @@ def save_checkpoint(
                 file = f"{model_name}.safetensors"
                 _save_weights(state, tmp / file, model_name)
                 manifest["models"][model_name] = {"file": file, "partial": partial}
-            if optimizer is not None:
+            for model_name in sharded:
+                manifest["models"][model_name] = {
+                    "file": _SHARDED_MODEL_DIR,
+                    "partial": False,
+                    "sharded": True,
+                }
+            if sharded:
+                manifest["sharded"] = True
+            if optimizer is not None and not sharded:
                 _torch_save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
             if scheduler is not None:
                 _torch_save(scheduler.state_dict(), tmp / _SCHEDULER_FILE)
@@ -423,8 +524,7 @@ def save_checkpoint(
                 _torch_save(state_tensors, tmp / _STATES_TENSORS)
             _write_text(tmp / _STATES_JSON, json.dumps(states_json, indent=1))
             _write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))
-            for path in tmp.iterdir():  # RNG files of the other processes
-                _fsync_file(path)
+            _fsync_tree(tmp)  # RNG files and shards of the other processes
             _fsync_dir(tmp)
             _install(tmp, root / name)
             _prune(root, keep_last, keep=name)
@@ -503,6 +603,8 @@ def drop_optimizer_states(run_dir: str | os.PathLike[str], before: int) -> list[
                 _fsync_dir(path)
                 changed.append(path)
             (path / _OPTIMIZER_FILE).unlink(missing_ok=True)
+            if (path / _SHARDED_OPTIMIZER_DIR).is_dir():
+                shutil.rmtree(path / _SHARDED_OPTIMIZER_DIR)
         except (OSError, ValueError, AttributeError) as exc:
             warnings.warn(
                 f"could not drop the optimizer state of {path} ({exc}); it stays on disk",
@@ -593,6 +695,12 @@ def _resolve(path: Path) -> Path:
     return latest
 
 
+def _read_dcp_metadata(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata()
+
+
 def read_checkpoint(
     path: str | os.PathLike[str], accelerator: Accelerator | None = None
 ) -> dict[str, Any]:
@@ -621,8 +729,19 @@ def read_checkpoint(
         data: dict[str, Any] = {"path": ckpt, "manifest": manifest, "models": {}}
         for name, entry in manifest["models"].items():
             current = ckpt / entry["file"]
+            if entry.get("sharded"):
+                # DCP loads collectively when applied; here: its metadata must be readable
+                current = current / ".metadata"
+                _read_dcp_metadata(current.parent)
+                data["models"][name] = (None, False)
+                continue
             data["models"][name] = (_load_weights(current), bool(entry["partial"]))
+        if manifest.get("sharded") and manifest["optimizer"]:
+            current = ckpt / _SHARDED_OPTIMIZER_DIR / ".metadata"
+            _read_dcp_metadata(current.parent)
         for key, file in (("optimizer", _OPTIMIZER_FILE), ("scheduler", _SCHEDULER_FILE)):
+            if key == "optimizer" and manifest.get("sharded"):
+                continue
             if manifest[key]:
                 current = ckpt / file
                 data[key] = torch.load(current, map_location="cpu", weights_only=True)
@@ -666,13 +785,26 @@ def apply_checkpoint(
         raise CheckpointError(
             f"{ckpt} also holds model(s) {extra}: pass them in models= so the run resumes exactly"
         )
+    sharded = _sharded(models)
+    saved_sharded = sorted(n for n, e in saved.items() if e.get("sharded"))
+    if sorted(sharded) != saved_sharded:
+        raise CheckpointError(
+            f"{ckpt} holds sharded model(s) {saved_sharded} (sharding=fsdp2), this run shards "
+            f"{sorted(sharded)}: resume with the sharding the checkpoint was saved with"
+        )
     for name, module in models.items():
+        if name in sharded:
+            continue
         state, partial = data["models"][name]
         _apply_weights(module, state, partial, ckpt / saved[name]["file"], name, accelerator)
+    if sharded:
+        _load_sharded(ckpt, sharded, optimizer if manifest["optimizer"] else None)
     fresh_optimizer = False
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is None:
             continue
+        if key == "optimizer" and sharded and manifest[key]:
+            continue  # loaded from its DCP state above
         if not manifest[key] and key == "optimizer" and missing_optimizer == "warn":
             why = (
                 "it was dropped when a newer checkpoint was written (save_optimizer=last)"
@@ -714,6 +846,37 @@ def apply_checkpoint(
             stacklevel=3,
         )
     return int(manifest["step"]), data["states"]
+
+
+def _load_sharded(
+    ckpt: Path, models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Load the DCP states of sharded models (and their optimizer) in place, resharding to this
+    run's processes. A collective: every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    container = nn.ModuleDict(dict(models))
+    model_state, optim_state = _dcp_states(models, optimizer)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    try:
+        dcp.load(model_state, checkpoint_id=str(ckpt / _SHARDED_MODEL_DIR))
+        set_model_state_dict(container, model_state, options=options)
+        if optimizer is not None and optim_state is not None:
+            wrapped = {"optimizer": optim_state}
+            dcp.load(wrapped, checkpoint_id=str(ckpt / _SHARDED_OPTIMIZER_DIR))
+            inner = getattr(optimizer, "optimizer", optimizer)
+            set_optimizer_state_dict(container, inner, wrapped["optimizer"], options=options)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"{ckpt}: the sharded state does not fit this run's model or optimizer ({reason}); "
+            "was the model, peft or optimizer setup changed?"
+        ) from exc
 
 
 def load_checkpoint(

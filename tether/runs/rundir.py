@@ -576,8 +576,18 @@ class RunDir:
         written). Every process must call it; the main process writes."""
         final = self.path / name
         if models:
-            for name, model in models.items():
-                check_finite_weights(model.state_dict(), name, "final/", self.path)
+            from tether.models.sharding import is_sharded
+            from tether.runs.checkpoint import check_finite_shards
+
+            for model_name, model in models.items():
+                if is_sharded(model):  # every process checks its shards, one verdict
+                    check_finite_shards({model_name: model}, f"{name}/", self.path)
+                else:
+                    check_finite_weights(model.state_dict(), model_name, f"{name}/", self.path)
+        # a sharded model is gathered on every process before the main process writes it
+        from tether.models.sharding import collect_for_save
+
+        collect_for_save(save)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         if self.is_main_process:

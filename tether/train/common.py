@@ -128,6 +128,71 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def autocast_forward(module: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """Run ``module.forward`` under the accelerator's autocast, as ``accelerator.prepare`` does for
+    the modules it wraps (a sharded module is not wrapped). Returns ``module``."""
+    forward = module.forward
+
+    def forward_in_autocast(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    module.forward = forward_in_autocast  # type: ignore[method-assign]
+    return module
+
+
+def prepare_training(
+    accelerator: Accelerator,
+    cfg: TrainConfig,
+    module: nn.Module,
+    *,
+    shard: nn.Module | None = None,
+    shard_root: nn.Module | None = None,
+    shard_whole: tuple[nn.Module, ...] = (),
+    reference: Any = None,
+    optimize: nn.Module | None = None,
+    total_steps: int | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The trained module, its AdamW optimizer and LR schedule, ready for the loop.
+
+    ``sharding=none``: ``accelerator.prepare`` wraps module and optimizer (DDP on several
+    processes). ``sharding=fsdp2``: ``shard`` (the HF model inside ``module``; ``shard_root``:
+    the unit its embeddings and head belong to, default ``shard`` itself) is sharded per decoder
+    block and at the root (:func:`tether.models.sharding.shard_model`), each of ``shard_whole``
+    (a value head) as one unit, a ``copy`` ``reference`` the same way as the policy, and
+    ``module``'s forward runs under autocast; the optimizer is built afterwards, over the
+    sharded parameters.
+
+    The schedule is never given to ``accelerator.prepare``: accelerate's prepared scheduler
+    steps once per process per optimizer step (N× too fast on N processes); this one advances
+    exactly once per optimizer step, whatever the number of processes or micro-batches.
+
+    Args:
+        optimize: the module whose trainable parameters AdamW owns (default ``module``).
+        total_steps: the schedule's length in optimizer steps (default ``max_steps``).
+    """
+    target = module if optimize is None else optimize
+    if cfg.sharding == "fsdp2":
+        from tether.models.sharding import shard_model, shard_module
+        from tether.reference import shard_reference
+
+        if shard is None:
+            raise ValueError("sharding=fsdp2 needs the model to shard")
+        if reference is not None:
+            shard_reference(reference, accelerator.device)
+        shard_model(shard, accelerator.device, root=shard_root)
+        for m in shard_whole:
+            shard_module(m, accelerator.device)
+        autocast_forward(module, accelerator)
+        optimizer = make_optimizer(target, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        return module, optimizer, scheduler
+    optimizer = make_optimizer(target, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    return module, optimizer, scheduler
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int | None = None
 ) -> Any:
@@ -236,10 +301,14 @@ class PolicyLogProbs(nn.Module):
 
 def model_state_for_checkpoint(model: nn.Module) -> Any:
     """What a checkpoint stores of the policy: a PEFT model's trainable (adapter) entries, or the
-    whole module for a full fine-tune."""
+    whole module for a full fine-tune; a sharded model as the module (its checkpoint is a DCP
+    state of the trainable parameters' shards, :mod:`tether.runs.checkpoint`)."""
+    from tether.models.sharding import is_sharded
     from tether.runs.checkpoint import trainable_state_dict
 
-    return trainable_state_dict(model) if hasattr(model, "peft_config") else model
+    if hasattr(model, "peft_config") and not is_sharded(model):
+        return trainable_state_dict(model)
+    return model
 
 
 def load_preference_split(
@@ -340,11 +409,8 @@ def save_policy_to(model: nn.Module, tokenizer: Any) -> Any:
     :func:`tether.models.loading.make_adapter_base_portable`), never this machine's cache path,
     so the run directory can move."""
 
-    def save(path: Any) -> None:
-        from tether.models.loading import make_adapter_base_portable
+    from tether.models.loading import make_adapter_base_portable
+    from tether.models.sharding import ModelSaver
 
-        model.save_pretrained(path)
-        make_adapter_base_portable(path)
-        tokenizer.save_pretrained(path)
-
-    return save
+    # a sharded model's weights are gathered first, on every process (ModelSaver.collect)
+    return ModelSaver(model, tokenizer, after=make_adapter_base_portable)

@@ -48,10 +48,9 @@ from tether.train.common import (
     load_trainable_policy,
     make_accelerator,
     make_evaluator,
-    make_optimizer,
-    make_scheduler,
     model_state_for_checkpoint,
     optimizer_step,
+    prepare_training,
     resolve_mixed_precision,
     save_policy_to,
     split_micro_batches,
@@ -307,10 +306,9 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     with acc.autocast():
         reference, live_ref = build_reference(cfg, model, train_ex + eval_ex, data_fp, pad_id, acc)
 
-    module = PolicyLogProbs(model)
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    module, optimizer, scheduler = prepare_training(
+        acc, cfg, PolicyLogProbs(model), shard=model, reference=live_ref
+    )
     guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(

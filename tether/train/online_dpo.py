@@ -37,7 +37,7 @@ from tether.models.numerics import (
     kl_numerics,
     separate_kl_forward,
 )
-from tether.models.rollout import SHARDED, rollout_weights
+from tether.models.rollout import params_sharded, rollout_weights
 from tether.reference import make_reference
 from tether.rewards import call_reward, make_reward
 from tether.runs.progress import Progress
@@ -47,10 +47,9 @@ from tether.train.common import (
     load_trainable_policy,
     make_accelerator,
     make_evaluator,
-    make_optimizer,
-    make_scheduler,
     model_state_for_checkpoint,
     optimizer_step,
+    prepare_training,
     resolve_mixed_precision,
     save_policy_to,
     split_heldout_prompts,
@@ -143,10 +142,9 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         top_p=cfg.top_p,
     )
 
-    module = PolicyLogProbs(model)
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    module, optimizer, scheduler = prepare_training(
+        acc, cfg, PolicyLogProbs(model), shard=model, reference=reference
+    )
     guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(len(data), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
@@ -163,7 +161,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
         model,
         cfg.rollout_dtype,
         resolve_mixed_precision(cfg.mixed_precision),
-        sharded=str(acc.distributed_type) in SHARDED,
+        sharded=params_sharded(acc, model),
     )
     final: dict[str, float] = {}
     save_best = save_policy_to(model, tok)
@@ -199,7 +197,7 @@ def train(cfg: OnlineDPOConfig) -> dict[str, float]:
                     row_seeds=sample_seeds(
                         cfg.seed, step, dist.rank * len(prompt_ids), len(prompt_ids)
                     ),
-                    synced_processes=str(acc.distributed_type) in SHARDED,
+                    synced_processes=params_sharded(acc, model),
                 )
             gen_s = time.perf_counter() - t_gen
             texts = [

@@ -43,9 +43,8 @@ from tether.train.common import (
     DataCursor,
     load_preference_split,
     make_accelerator,
-    make_optimizer,
-    make_scheduler,
     optimizer_step,
+    prepare_training,
     split_micro_batches,
     start_run,
 )
@@ -206,9 +205,7 @@ def train(cfg: RewardConfig) -> dict[str, float]:
     train_ex, eval_ex = split_data(cfg, rm.tokenizer)
     rm.to(acc.device)
 
-    optimizer = make_optimizer(rm, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    module, optimizer, scheduler = acc.prepare(rm, optimizer, scheduler)
+    module, optimizer, scheduler = prepare_training(acc, cfg, rm, shard=rm.backbone, shard_root=rm)
     guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(
         models={CHECKPOINT_MODEL_NAME: rm}, optimizer=optimizer, scheduler=scheduler

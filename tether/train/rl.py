@@ -62,7 +62,7 @@ from tether.models.numerics import (
     separate_kl_forward,
     weights_are_fp32,
 )
-from tether.models.rollout import SHARDED, RolloutWeights, rollout_weights
+from tether.models.rollout import RolloutWeights, params_sharded, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
 from tether.rewards import RewardFn, call_reward, make_reward
 from tether.runs.progress import Progress
@@ -71,9 +71,8 @@ from tether.train.common import (
     load_trainable_policy,
     make_accelerator,
     make_evaluator,
-    make_optimizer,
-    make_scheduler,
     model_state_for_checkpoint,
+    prepare_training,
     resolve_mixed_precision,
     save_policy_to,
     split_heldout_prompts,
@@ -723,14 +722,18 @@ def train_loop(
     controller = make_kl_controller(cfg)
     head = ValueHead(unwrap_model(model).config.hidden_size).to(acc.device) if value_head else None
     module = PolicyWithValue(model, head)
-    if optimize == "value_head":
-        if head is None:
-            raise ValueError("optimize='value_head' needs value_head=True")
-        optimizer = make_optimizer(head, cfg)
-    else:
-        optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * optimizer_steps_per_iteration)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    if optimize == "value_head" and head is None:
+        raise ValueError("optimize='value_head' needs value_head=True")
+    module, optimizer, scheduler = prepare_training(
+        acc,
+        cfg,
+        module,
+        shard=model,
+        shard_whole=() if head is None else (head,),
+        reference=reference,
+        optimize=head if optimize == "value_head" else None,
+        total_steps=cfg.max_steps * optimizer_steps_per_iteration,
+    )
     guard = StepGuard(cfg.max_bad_steps, run.path)
     watch = KLWatch(cfg.kl_target, cfg.kl_warn_factor, cfg.kl_warn_iterations, None)
     models: dict[str, Any] = {"policy": model}
@@ -755,7 +758,7 @@ def train_loop(
                 obj.load_state_dict(restored[name])
     dist = Dist(acc)
     session = RLSession(cfg, acc, model, module, head, optimizer, scheduler, reference, dist, guard)
-    sharded = str(acc.distributed_type) in SHARDED
+    sharded = params_sharded(acc, model)
     sampler_weights = rollout_weights(
         model, cfg.rollout_dtype, resolve_mixed_precision(cfg.mixed_precision), sharded=sharded
     )

@@ -40,10 +40,9 @@ from tether.train.common import (
     PolicyLogProbs,
     load_trainable_policy,
     make_accelerator,
-    make_optimizer,
-    make_scheduler,
     model_state_for_checkpoint,
     optimizer_step,
+    prepare_training,
     save_policy_to,
     split_micro_batches,
     start_run,
@@ -165,10 +164,9 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     train_ex, eval_ex = split_data(cfg, tok)
     model = policy.model.to(acc.device)
 
-    module = SFTLogProbs(model, cfg.packing)
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    module, optimizer, scheduler = prepare_training(
+        acc, cfg, SFTLogProbs(model, cfg.packing), shard=model
+    )
     guard = StepGuard(cfg.max_bad_steps, run.path)
     step, states = run.restore(models={"policy": model}, optimizer=optimizer, scheduler=scheduler)
     cursor = DataCursor(
