@@ -4,10 +4,13 @@ Every trainer is run twice on the tiny model: on 2 processes with ``batch_size``
 (``torchrun --nproc_per_node 2``) and on 1 process with ``batch_size`` 2B. Sampling is seeded per
 sample (:func:`tether.models.generation.sample_seeds`) and every batch statistic is reduced over
 processes (:mod:`tether.train.distributed`), so the two runs must log the same losses, rewards,
-KLs and β trajectory and end with the same weights, up to float summation order. Also: a
-2-"node" run over loopback, a 2-process checkpoint resumed on 1 and on 2 processes, online DPO
-with a process whose pairs all tie (it used to hang), and a precomputed DPO reference built
-once for both processes.
+KLs, β and learning-rate trajectories (the recipes' warmup + cosine schedule: it advances once
+per optimizer step, whatever the number of processes) and end with the same weights, up to float
+summation order. The same under ``sharding=fsdp2`` (FSDP2 on gloo: each process holds half of
+every parameter), for every trainer that supports it. Also: a 2-"node" run over loopback, a
+2-process checkpoint (plain and sharded) resumed on 1 and on 2 processes, online DPO with a
+process whose pairs all tie (it used to hang), and a precomputed DPO reference built once for
+both processes.
 
 All runs of one launch share one Python process per rank (tests/helpers/dist_driver.py), so the
 ~10 s import of torch and transformers is paid once per launch.
@@ -15,6 +18,7 @@ All runs of one launch share one Python process per rank (tests/helpers/dist_dri
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,7 +82,8 @@ def _sampling(tiny, prompts, b, **kw):
         "model": str(tiny),
         "prompts": str(prompts),
         "max_new_tokens": 8,
-        "lr_scheduler": "constant",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
         "batch_size": b,
         "logging_steps": 1,
         "save_steps": 0,
@@ -94,7 +99,8 @@ def _prefs_cfg(tiny, prefs, b, **kw):
     base = {
         "model": str(tiny),
         "train_data": str(prefs),
-        "lr_scheduler": "constant",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
         "batch_size": b,
         "gradient_accumulation_steps": 2,
         "logging_steps": 1,
@@ -108,6 +114,13 @@ def _prefs_cfg(tiny, prefs, b, **kw):
     }
     base.update(kw)
     return base
+
+
+SHARDED = ("grpo", "ppo", "online_dpo", "dpo", "dpo_lora", "reward", "sft")
+"""The trainers also run with ``sharding=fsdp2`` on 2 processes (``<name>_fsdp2``); TRPO refuses
+it (its Fisher-vector products need double backward through the parameters)."""
+RESUMED = ("grpo", "grpo_fsdp2")
+"""Runs stopped after step 2 (the step-3 checkpoint and final/ removed) and resumed."""
 
 
 def _argv(algo: str, cfg: dict, out: Path) -> list[str]:
@@ -187,6 +200,20 @@ def _trainers(tiny, prompts, prefs):
             ),
             4,
         ),
+        "dpo_lora": (
+            "dpo",
+            lambda b: _prefs_cfg(
+                tiny,
+                prefs,
+                b,
+                learning_rate=3e-3,
+                beta=0.5,
+                eval_generate=False,
+                peft="{r: 4, lora_alpha: 8}",
+                reference="adapter",
+            ),
+            4,
+        ),
         "reward": ("reward", lambda b: _prefs_cfg(tiny, prefs, b, learning_rate=2e-3), 4),
         "sft": ("sft", lambda b: _sft_cfg(tiny, prefs.parent / "sft.jsonl", b), 4),
     }
@@ -200,7 +227,8 @@ def _sft_cfg(tiny, sft, b):
         "train_data": str(sft),
         "eval_fraction": 0.25,
         "learning_rate": 3e-3,
-        "lr_scheduler": "constant",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
         "batch_size": b,
         "gradient_accumulation_steps": 2,
         "logging_steps": 1,
@@ -236,9 +264,18 @@ def data(tmp_path_factory, tiny_dir):
     return tiny_dir, prompts, prefs
 
 
+def _fork_for_resume(src: Path, dst: Path, last_step: int) -> None:
+    """``dst``: the run ``src`` as if it had stopped after its step-2 checkpoint (the later
+    checkpoints and final/ gone), to be resumed."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / f"step-{last_step:06d}")
+    shutil.rmtree(dst / "final")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
-    """Every trainer on 1 and on 2 processes, plus the resume and 2-node runs."""
+    """Every trainer on 1 and on 2 processes (and sharded on 2, and DPO sharded on 1), plus the
+    resume and 2-node runs."""
     tiny, prompts, prefs = data
     tmp = tmp_path_factory.mktemp("dist")
     trainers = _trainers(tiny, prompts, prefs)
@@ -246,16 +283,27 @@ def runs(tmp_path_factory, data):
     for name, (algo, cfg, b) in trainers.items():
         single.append(_argv(algo, cfg(2 * b), tmp / "1" / name))
         multi.append(_argv(algo, cfg(b), tmp / "2" / name))
-    # resume: GRPO (adaptive β) stopped at step 2 on 2 processes, resumed to 3 on 1 and on 2
+        if name in SHARDED:
+            multi.append(_argv(algo, dict(cfg(b), sharding="fsdp2"), tmp / "2" / f"{name}_fsdp2"))
+    algo, cfg, b = trainers["dpo"]
+    single.append(_argv(algo, dict(cfg(2 * b), sharding="fsdp2"), tmp / "1" / "dpo_fsdp2"))
+    # resume: GRPO (adaptive β, warmup + cosine) on 2 processes, plain and sharded, checkpointed
+    # at step 2 with its optimizer state; stopped there and resumed on 1 and on 2 processes
     algo, cfg, b = trainers["grpo"]
-    half = dict(cfg(b), max_steps=2, save_steps=2)
-    for where in ("resume-on-1", "resume-on-2"):
-        multi.append(_argv(algo, half, tmp / where))
-    single.append(_argv(algo, dict(cfg(2 * b), resume=True), tmp / "resume-on-1"))
-    multi.append(_argv(algo, dict(cfg(b), resume=True), tmp / "resume-on-2"))
-    # the 1-process half runs after the 2-process launch that starts it
+    ckpt = {"save_steps": 2, "save_optimizer": "all", "keep_last": 5}
+    for name in RESUMED:
+        shard = {"sharding": "fsdp2"} if name.endswith("fsdp2") else {}
+        multi.append(_argv(algo, dict(cfg(b), **ckpt, **shard), tmp / "src" / name))
     _launch(multi, tmp, "multi", 2)
-    _launch(single, tmp, "single", 1)
+    again, single_resumes = [], []
+    for name in RESUMED:
+        shard = {"sharding": "fsdp2"} if name.endswith("fsdp2") else {}
+        for n, jobs in ((1, single_resumes), (2, again)):
+            where = tmp / f"resume-on-{n}" / name
+            _fork_for_resume(tmp / "src" / name, where, last_step=3)
+            jobs.append(_argv(algo, dict(cfg(2 * b // n), **ckpt, **shard, resume=True), where))
+    _launch(single + single_resumes, tmp, "single", 1)
+    _launch(again, tmp, "again", 2)
     return tmp
 
 
@@ -264,7 +312,11 @@ def _metric_rows(path: Path, key: str) -> list[dict]:
 
 
 def _assert_close_metrics(a: Path, b: Path, keys: list[str], rtol=1e-4, atol=1e-5):
+    """The runs log the same steps, and the same values of ``keys`` and of the learning rate."""
+    keys = [*keys, "lr"]
     ra, rb = read_metrics(a), read_metrics(b)
+    lrs = [r["lr"] for r in ra if "lr" in r]
+    assert len(set(lrs)) >= min(3, len(lrs)), lrs  # a schedule that moves, not a constant
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     checked = 0
     for x, y in zip(ra, rb, strict=True):
@@ -276,14 +328,17 @@ def _assert_close_metrics(a: Path, b: Path, keys: list[str], rtol=1e-4, atol=1e-
     assert checked >= len(ra), "no metric compared"
 
 
-def _assert_same_weights(a: Path, b: Path, atol=5e-5):
-    wa = load_file(str(a / "final" / "model.safetensors"))
-    wb = load_file(str(b / "final" / "model.safetensors"))
+def _assert_same_weights(a: Path, b: Path, atol=5e-5, file="model.safetensors"):
+    wa = load_file(str(a / "final" / file))
+    wb = load_file(str(b / "final" / file))
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst < atol, worst
-    initial = load_file(str(Path(read_config(a)["model"]) / "model.safetensors"))
-    moved = max(float((wa[k] - initial[k]).abs().max()) for k in wa if k in initial)
+    if file != "model.safetensors":  # an adapter: it starts at B = 0
+        moved = max(float(wa[k].abs().max()) for k in wa if "lora_B" in k)
+    else:
+        initial = load_file(str(Path(read_config(a)["model"]) / "model.safetensors"))
+        moved = max(float((wa[k] - initial[k]).abs().max()) for k in wa if k in initial)
     assert moved > 50 * atol, "the run did not move the weights: the comparison proves nothing"
 
 
@@ -364,13 +419,93 @@ def test_reward_two_processes_equal_one(runs):
     _assert_close_metrics(runs / "1" / "reward", runs / "2" / "reward", keys)
 
 
+def test_lora_two_processes_equal_one(runs):
+    keys = ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"]
+    _assert_close_metrics(runs / "1" / "dpo_lora", runs / "2" / "dpo_lora", keys)
+    _assert_same_weights(runs / "1" / "dpo_lora", runs / "2" / "dpo_lora", file=ADAPTER)
+
+
 @pytest.mark.parametrize("where", ["resume-on-1", "resume-on-2"])
-def test_two_process_checkpoint_resumes(runs, where):
-    """A 2-process run stopped at step 2 and resumed on 1 (batch 2B) or 2 processes ends as the
-    uninterrupted run."""
+@pytest.mark.parametrize("name", RESUMED)
+def test_two_process_checkpoint_resumes(runs, where, name):
+    """A 2-process run (plain or sharded) stopped after its step-2 checkpoint and resumed on 1
+    (batch 2B) or 2 processes ends as the uninterrupted run: weights, optimizer moments, the LR
+    schedule, β, the data cursor and the RNG all continue. A sharded checkpoint is resharded
+    from 2 processes to 1."""
     keys = ["score", "kl/k3", "beta", "loss/policy"]
-    _assert_close_metrics(runs / "1" / "grpo", runs / where, keys)
-    _assert_same_weights(runs / "1" / "grpo", runs / where)
+    _assert_close_metrics(runs / "1" / "grpo", runs / where / name, keys)
+    _assert_same_weights(runs / "1" / "grpo", runs / where / name)
+    resumed = [r["step"] for r in read_metrics(runs / where / name)]
+    assert resumed == [1, 2, 3], resumed  # the steps after the checkpoint were run again
+
+
+# -- sharding=fsdp2 -----------------------------------------------------------------------------
+
+ADAPTER = "adapter_model.safetensors"
+SHARDED_KEYS = {
+    "grpo": RL_KEYS + ["grad_norm", "response_length"],
+    "ppo": RL_KEYS + ["loss/value", "grad_norm", "epochs"],
+    "online_dpo": ["loss", "rewards/accuracy", "rewards/margin", "kl/k1", "kl/k3", "beta"],
+    "dpo": ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"],
+    "dpo_lora": ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"],
+    "reward": ["loss", "accuracy", "eval/loss", "eval/accuracy"],
+    "sft": ["loss", "nll", "tokens", "eval/nll"],
+}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_fsdp2_two_processes_equal_one(runs, name):
+    """``sharding=fsdp2`` on 2 processes logs what 1 unsharded process logs and ends with the
+    same weights (final/ gathered into one model)."""
+    one, sharded = runs / "1" / name, runs / "2" / f"{name}_fsdp2"
+    _assert_close_metrics(one, sharded, SHARDED_KEYS[name])
+    if name == "reward":
+        a = load_file(str(one / "reward_model" / "model.safetensors"))
+        b = load_file(str(sharded / "reward_model" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-5
+        head_a = load_file(str(one / "reward_model" / "reward_head.safetensors"))["weight"]
+        head_b = load_file(str(sharded / "reward_model" / "reward_head.safetensors"))["weight"]
+        torch.testing.assert_close(head_a, head_b, rtol=0, atol=5e-5)
+    else:
+        _assert_same_weights(
+            one, sharded, file=ADAPTER if name == "dpo_lora" else "model.safetensors"
+        )
+
+
+def test_fsdp2_on_one_process_equals_unsharded(runs):
+    """``sharding=fsdp2`` on a single process (a world of one) trains as ``sharding=none``."""
+    keys = ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"]
+    _assert_close_metrics(runs / "1" / "dpo", runs / "1" / "dpo_fsdp2", keys)
+    _assert_same_weights(runs / "1" / "dpo", runs / "1" / "dpo_fsdp2")
+
+
+def test_fsdp2_final_loads_in_plain_transformers(runs):
+    """final/ of a sharded run is one HF model: transformers loads it (no tether, no
+    torch.distributed) and it holds the 1-process run's weights."""
+    from transformers import AutoModelForCausalLM
+
+    final = runs / "2" / "dpo_fsdp2" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(final)
+    expected = load_file(str(runs / "1" / "dpo" / "final" / "model.safetensors"))
+    state = model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=5e-5)
+    assert (final / "tokenizer.json").is_file()
+
+
+def test_fsdp2_checkpoint_is_sharded(runs):
+    """A sharded run's checkpoint holds DCP states of its model and optimizer, one file of
+    shards per process, and no whole copy of the weights."""
+    ckpt = runs / "src" / "grpo_fsdp2" / "checkpoints" / "step-000002"
+    manifest = json.loads((ckpt / "checkpoint.json").read_text())
+    assert manifest["sharded"] and manifest["models"]["policy"]["sharded"]
+    for part in ("model", "optimizer"):
+        assert (ckpt / part / ".metadata").is_file()
+        assert len(list((ckpt / part).glob("*.distcp"))) == 2, part
+    assert not list(ckpt.glob("*.safetensors")) and not (ckpt / "optimizer.pt").exists()
 
 
 def test_two_nodes_on_loopback(tmp_path, data, runs):

@@ -104,6 +104,19 @@ def _fsdp_kwargs(device: torch.device) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def broadcast_from_main(module: nn.Module) -> None:
+    """Make every process's parameters and buffers rank 0's, as DDP does when it wraps a model:
+    weights initialised per process (a LoRA adapter's A, drawn from a per-process seed) would
+    otherwise become a mix of every process's draws once sharded. A collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
 def shard_model(model: nn.Module, device: torch.device, root: nn.Module | None = None) -> nn.Module:
     """Shard an HF model (or the base model under a PEFT wrapper) in place with FSDP2:
     ``fully_shard`` on every decoder block, then on ``root`` (default: the model itself; a reward
@@ -119,10 +132,13 @@ def shard_model(model: nn.Module, device: torch.device, root: nn.Module | None =
     top = base if root is None else unwrap_model(root)
     if is_sharded(top):
         return model
+    broadcast_from_main(top)
     kwargs = _fsdp_kwargs(device)
     for block in decoder_blocks(base):
         fully_shard(block, **kwargs)
-    fully_shard(top, **kwargs)
+    # the root too is resharded after every forward (FSDP2's default keeps it gathered from a
+    # forward to its backward, so after a no-grad forward it would stay whole until the next)
+    fully_shard(top, reshard_after_forward=True, **kwargs)
 
     def logprobs(self: nn.Module, *args: Any, _model: Any = None, **kw: Any) -> Any:
         # _model: the model as the caller passed it (a PEFT wrapper keeps its adapter switches)
@@ -147,6 +163,7 @@ def shard_module(module: nn.Module, device: torch.device) -> nn.Module:
 
     ensure_process_group(device)
     if not is_sharded(module):
+        broadcast_from_main(module)
         fully_shard(module, **_fsdp_kwargs(device))
     return module
 
@@ -231,8 +248,9 @@ class ModelSaver:
 
 
 def collect_for_save(save: Any) -> None:
-    """Run ``save.collect()`` when ``save`` has one (every process, before the main process
-    writes)."""
-    collect = getattr(save, "collect", None)
+    """Run ``save.collect()`` when ``save`` (or the object whose method it is, e.g. a reward
+    model's ``save``) has one: every process, before the main process writes."""
+    owner = getattr(save, "__self__", None)
+    collect = getattr(save, "collect", None) or getattr(owner, "collect", None)
     if callable(collect):
         collect()

@@ -339,32 +339,62 @@ class RewardModel(nn.Module):
 
     # -- saving ----------------------------------------------------------------------------------
 
+    def collect(self) -> None:
+        """Under ``sharding=fsdp2``: gather the whole weights for :meth:`save` (a collective that
+        every process calls before the main process saves; nothing to do unsharded)."""
+        from tether.models.sharding import full_state_dict, is_sharded
+
+        self._full_state = full_state_dict(self) if is_sharded(self) else None
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the reward model to the directory ``path`` atomically; return ``path``.
 
         Everything goes into a temporary sibling directory that is renamed into place, replacing
         an existing ``path``; a crash leaves the old directory (or none) and no partial one. A
-        LoRA backbone is saved merged (on a copy; this model keeps its adapters).
+        LoRA backbone is saved merged (on a copy; this model keeps its adapters). A sharded
+        model saves the weights :meth:`collect` gathered.
         """
+        from tether.models.sharding import fix_saved_architecture
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        full = getattr(self, "_full_state", None)
+        self._full_state = None
         try:
             backbone = self.backbone
-            if self.is_peft:
-                backbone = copy.deepcopy(backbone).merge_and_unload()
-            backbone.save_pretrained(tmp)
+            if full is not None:
+                if self.is_peft:
+                    raise ValueError("a LoRA reward model cannot be saved under sharding=fsdp2")
+                prefix = "backbone."
+                backbone.save_pretrained(
+                    tmp,
+                    state_dict={
+                        k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)
+                    },
+                )
+                fix_saved_architecture(tmp, backbone)
+                weight = full["head.weight"].to("cpu", torch.float32).contiguous()
+            else:
+                if self.is_peft:
+                    backbone = copy.deepcopy(backbone).merge_and_unload()
+                backbone.save_pretrained(tmp)
+                weight = self.head.weight.detach().to("cpu", torch.float32).contiguous()
             self.tokenizer.save_pretrained(tmp)
-            weight = self.head.weight.detach().to("cpu", torch.float32).contiguous()
             save_file({"weight": weight}, str(tmp / HEAD_FILE))
+            dtype = (
+                next(backbone.parameters()).dtype
+                if full is None
+                else next(v for k, v in full.items() if k.startswith("backbone.")).dtype
+            )
             norm = self.normalization
             metadata = {
                 "format": FORMAT_VERSION,
                 "tether_version": tether.__version__,
                 "base_model": self.name,
                 "causal": self.causal,
-                "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."),
-                "hidden_size": self.head.in_features,
+                "dtype": str(dtype).removeprefix("torch."),
+                "hidden_size": int(weight.shape[-1]),
                 "max_length": self.max_length,
                 "normalization": None if norm is None else {"mean": norm.mean, "std": norm.std},
             }

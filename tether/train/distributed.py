@@ -144,3 +144,37 @@ def check_same(dist: Dist, name: str, state: Mapping[str, Any] | Sequence[Any] |
                 f"{name} differs between processes (rank 0: {first}, rank {rank}: {other}); "
                 "it must be updated from globally reduced statistics"
             )
+
+
+MEMORY_PARTS = ("params", "grads", "optimizer", "peak_rss")
+"""What :func:`memory_metrics` reports per process, in MiB."""
+
+
+def memory_metrics(dist: Dist, module: Any, optimizer: Any) -> dict[str, float]:
+    """This run's memory per process, as ``memory/rank{r}/{part}_mib`` for every rank (a
+    collective: every process calls it): the bytes of the parameters this process holds (a
+    sharded parameter: its local shard), of their gradients at their peak (one per trainable
+    parameter, the same sharding), of the optimizer state (AdamW's moments and step counts), and
+    the process's peak resident set size. ``memory/model_state_mib``: the largest
+    params + grads + optimizer over the processes."""
+    import resource
+
+    from tether.models.sharding import local_bytes
+
+    params = list(module.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = [t for s in inner.state.values() for t in s.values() if isinstance(t, Tensor)]
+    mine = [
+        local_bytes(params),
+        local_bytes([p for p in params if p.requires_grad]),
+        local_bytes(state),
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+    ]
+    out: dict[str, float] = {}
+    totals = []
+    for rank, parts in enumerate(dist.gather(mine)):
+        for name, value in zip(MEMORY_PARTS, parts, strict=True):
+            out[f"memory/rank{rank}/{name}_mib"] = value / 2**20
+        totals.append(sum(parts[:3]) / 2**20)
+    out["memory/model_state_mib"] = max(totals)
+    return out

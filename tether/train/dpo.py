@@ -56,7 +56,7 @@ from tether.train.common import (
     split_micro_batches,
     start_run,
 )
-from tether.train.distributed import Dist, MetricSums, global_count
+from tether.train.distributed import Dist, MetricSums, global_count, memory_metrics
 from tether.train.guards import StepGuard
 
 
@@ -388,6 +388,8 @@ def train(cfg: DPOConfig) -> dict[str, float]:
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 metrics.update(guard.metrics())
+                if step == cfg.max_steps:  # what each process held (collective)
+                    metrics.update(memory_metrics(dist, module, optimizer))
                 run.log(step, metrics)
                 bar.update(step, metrics)
                 final.update(metrics)

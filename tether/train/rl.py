@@ -78,7 +78,7 @@ from tether.train.common import (
     split_heldout_prompts,
     start_run,
 )
-from tether.train.distributed import Dist, MetricSums, check_same
+from tether.train.distributed import Dist, MetricSums, check_same, memory_metrics
 from tether.train.guards import KLWatch, StepGuard, UpdateSnapshot, all_finite
 
 
@@ -837,6 +837,8 @@ def train_loop(
             elif rollout_ok:  # the update filled in a non-finite behaviour KL
                 guard.skip("a non-finite KL to the reference")
             metrics.update(guard.metrics())
+            if step + 1 == cfg.max_steps:  # what each process held (collective)
+                metrics.update(memory_metrics(dist, module, optimizer))
             step += 1
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["s_per_step"] = time.perf_counter() - t0
