@@ -153,6 +153,38 @@ def memory(rows: list[dict], nproc: int) -> dict[str, list[float]]:
     return {part: [last[f"memory/rank{r}/{part}_mib"] for r in range(nproc)] for part in PARTS}
 
 
+def markdown(results: dict) -> str:
+    """The README's tables from a results file: per trainer and rank, DDP vs FSDP2 MiB, and
+    FSDP2 against 1 process."""
+    lines = [
+        "| trainer | rank | params DDP / FSDP2 | grads DDP / FSDP2 | AdamW state DDP / FSDP2 "
+        "| peak RSS DDP / FSDP2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for trainer, res in results.items():
+        if "memory_mib" not in res:
+            continue
+        ddp, fsdp = res["memory_mib"]["ddp"], res["memory_mib"]["fsdp2"]
+        for r in range(len(ddp["params"])):
+            cells = [f"{ddp[p][r]:.1f} / {fsdp[p][r]:.1f}" for p in PARTS]
+            lines.append(f"| {trainer} | {r} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| trainer | model state per rank, FSDP2 / DDP | FSDP2 vs 1 process, max \\|Δ\\| "
+        "| s/step 1 proc / DDP / FSDP2 |",
+        "|---|---|---|---|",
+    ]
+    for trainer, res in results.items():
+        if "memory_mib" not in res:
+            continue
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in res["max_abs_diff_fsdp2"].items())
+        speed = " / ".join(
+            f"{res[k]:.1f}" for k in ("s_per_step_one", "s_per_step_many", "s_per_step_fsdp2")
+        )
+        lines.append(f"| {trainer} | {res['model_state_ratio']:.3f}× | {diffs} | {speed} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trainers", default="dpo,grpo")
@@ -165,7 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="default: the recipes' (SmolLM2-135M)")
     ap.add_argument("--dpo-lengths", default="128,64", help="DPO max_length,max_prompt_length")
     ap.add_argument("--out", default="runs/scaling.json")
+    ap.add_argument("--table", default=None, help="print the markdown tables of a results file")
     a = ap.parse_args(argv)
+    if a.table:
+        results = json.loads(Path(a.table).read_text())
+        print(markdown(results))
+        return results
     lengths = tuple(int(x) for x in a.dpo_lengths.split(","))
     from dpo_vs_trl import write_synthetic_pairs
 
@@ -233,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {a.out}")
+    if a.sharding == "fsdp2":
+        print(markdown(results))
     return results
 
 

@@ -40,3 +40,12 @@ def test_ddp_and_fsdp2_train_as_one_process(results, trainer):
     for diffs in (res["max_abs_diff"], res["max_abs_diff_fsdp2"]):
         assert diffs["weights (max |Δ|)"] < 5e-5, diffs
         assert all(v < 1e-4 for k, v in diffs.items()), diffs
+
+
+def test_the_readme_tables_render_from_the_results(results):
+    import scaling
+
+    table = scaling.markdown(results)
+    for trainer in ("dpo", "grpo"):
+        assert f"| {trainer} | 0 |" in table and f"| {trainer} | 1 |" in table
+        assert f"| {trainer} | {results[trainer]['model_state_ratio']:.3f}× |" in table

@@ -141,6 +141,20 @@ def autocast_forward(module: nn.Module, accelerator: Accelerator) -> nn.Module:
     return module
 
 
+def uses_fsdp2(cfg: TrainConfig, accelerator: Accelerator) -> bool:
+    """``sharding=fsdp2``, or an accelerate launch with an FSDP2 config (``distributed_type:
+    FSDP``, ``fsdp_version: 2``, GPUs only: accelerate ignores the plugin on CPU), which then
+    takes tether's own FSDP2 path rather than accelerate's wrapper."""
+    if cfg.sharding == "fsdp2":
+        return True
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return (
+        str(accelerator.distributed_type) in ("DistributedType.FSDP", "FSDP")
+        and plugin is not None
+        and int(getattr(plugin, "fsdp_version", 1) or 1) == 2
+    )
+
+
 def prepare_training(
     accelerator: Accelerator,
     cfg: TrainConfig,
@@ -172,7 +186,7 @@ def prepare_training(
         total_steps: the schedule's length in optimizer steps (default ``max_steps``).
     """
     target = module if optimize is None else optimize
-    if cfg.sharding == "fsdp2":
+    if uses_fsdp2(cfg, accelerator):
         from tether.models.sharding import shard_model, shard_module
         from tether.reference import shard_reference
 
