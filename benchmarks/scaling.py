@@ -177,7 +177,9 @@ def markdown(results: dict) -> str:
     for trainer, res in results.items():
         if "memory_mib" not in res:
             continue
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in res["max_abs_diff_fsdp2"].items())
+        diffs = ", ".join(
+            f"{k.replace('|', chr(92) + '|')} {v:.1e}" for k, v in res["max_abs_diff_fsdp2"].items()
+        )
         speed = " / ".join(
             f"{res[k]:.1f}" for k in ("s_per_step_one", "s_per_step_many", "s_per_step_fsdp2")
         )

@@ -49,3 +49,14 @@ def test_the_readme_tables_render_from_the_results(results):
     for trainer in ("dpo", "grpo"):
         assert f"| {trainer} | 0 |" in table and f"| {trainer} | 1 |" in table
         assert f"| {trainer} | {results[trainer]['model_state_ratio']:.3f}× |" in table
+
+
+def test_the_readme_holds_the_recorded_tables():
+    """The README's DDP vs FSDP2 tables are the recorded results file, rendered."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scaling
+
+    recorded = json.loads((ROOT / "docs" / "results" / "scaling-fsdp2.json").read_text())
+    assert scaling.markdown(recorded) in (ROOT / "README.md").read_text()

@@ -132,6 +132,12 @@ BAD_OPTIONS = [
     ("reward", ["normalization_samples=-1"], "normalization_samples"),
     ("reward", ["learning_rate=0"], "learning_rate"),
     ("reward", ["warmup_steps=-3"], "warmup_steps"),
+    # Sharding: combinations that need whole weights (an unknown value: below)
+    ("trpo", ["sharding=fsdp2"], "sharding=fsdp2"),
+    ("dpo", ["sharding=fsdp2", "reference=synced"], "reference=synced"),
+    ("online_dpo", ["sharding=fsdp2", "reference=synced"], "reference=synced"),
+    ("grpo", ["sharding=fsdp2", "rollout_dtype=bf16"], "rollout_dtype=bf16"),
+    ("ppo", ["sharding=fsdp2", "rollout_dtype=fp16"], "rollout_dtype=fp16"),
     # Control
     (PPOControlConfig, ["clip_range=0"], "clip_range"),
     (PPOControlConfig, ["max_grad_norm=-0.5"], "max_grad_norm"),
@@ -182,6 +188,13 @@ def test_bad_option_is_a_config_error_naming_it(case):
     explanation = message.split(overrides[-1], 1)[-1]
     assert option in explanation, message
     assert "must be" in explanation, message
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "sft", "grpo", "reward"])
+def test_an_unknown_sharding_is_a_config_error_naming_the_values(trainer):
+    with pytest.raises(ConfigError) as info:
+        load_config(_cls(trainer), None, ["sharding=zero3"])
+    assert "'sharding'" in str(info.value) and "'none', 'fsdp2'" in str(info.value)
 
 
 def test_there_are_enough_cases_per_trainer():

@@ -116,7 +116,7 @@ def _prefs_cfg(tiny, prefs, b, **kw):
     return base
 
 
-SHARDED = ("grpo", "ppo", "online_dpo", "dpo", "dpo_lora", "reward", "sft")
+SHARDED = ("grpo", "ppo", "online_dpo", "dpo", "dpo_lora", "reward", "sft", "grpo_eval")
 """The trainers also run with ``sharding=fsdp2`` on 2 processes (``<name>_fsdp2``); TRPO refuses
 it (its Fisher-vector products need double backward through the parameters)."""
 RESUMED = ("grpo", "grpo_fsdp2")
@@ -213,6 +213,22 @@ def _trainers(tiny, prompts, prefs):
                 reference="adapter",
             ),
             4,
+        ),
+        "grpo_eval": (
+            "grpo",
+            lambda b: _sampling(
+                tiny,
+                prompts,
+                b,
+                num_generations=2,
+                eval_steps=2,
+                eval_num_prompts=5,  # 5 prompts over 2 processes: shares of 3 and 2
+                eval_samples_per_prompt=2,
+                eval_semantic=False,
+                eval_capability_passages=3,
+                **rl,
+            ),
+            2,
         ),
         "reward": ("reward", lambda b: _prefs_cfg(tiny, prefs, b, learning_rate=2e-3), 4),
         "sft": ("sft", lambda b: _sft_cfg(tiny, prefs.parent / "sft.jsonl", b), 4),
@@ -442,6 +458,7 @@ def test_two_process_checkpoint_resumes(runs, where, name):
 # -- sharding=fsdp2 -----------------------------------------------------------------------------
 
 ADAPTER = "adapter_model.safetensors"
+EVAL_KEYS = ["eval/proxy", "eval/kl/exact", "eval/kl/k3", "eval/nll", "eval/kl/offtask"]
 SHARDED_KEYS = {
     "grpo": RL_KEYS + ["grad_norm", "response_length"],
     "ppo": RL_KEYS + ["loss/value", "grad_norm", "epochs"],
@@ -450,6 +467,7 @@ SHARDED_KEYS = {
     "dpo_lora": ["loss", "rewards/accuracy", "rewards/margin", "kl/chosen_k3", "eval/loss"],
     "reward": ["loss", "accuracy", "eval/loss", "eval/accuracy"],
     "sft": ["loss", "nll", "tokens", "eval/nll"],
+    "grpo_eval": RL_KEYS + EVAL_KEYS,
 }
 
 
@@ -471,6 +489,17 @@ def test_fsdp2_two_processes_equal_one(runs, name):
         _assert_same_weights(
             one, sharded, file=ADAPTER if name == "dpo_lora" else "model.safetensors"
         )
+
+
+def test_heldout_evaluation_on_uneven_shards(runs):
+    """Held-out evaluation of 5 prompts on 2 processes (DDP: shares of 3 and 2; FSDP2: every
+    process all of them, its forwards being collectives) gives the 1-process metrics."""
+    one = runs / "1" / "grpo_eval"
+    rows = [r for r in read_metrics(one) if "eval/kl/exact" in r]
+    assert [r["step"] for r in rows] == [0, 2, 3], rows
+    assert rows[-1]["eval/kl/exact"] > 0
+    for other in ("grpo_eval", "grpo_eval_fsdp2"):
+        _assert_close_metrics(one, runs / "2" / other, EVAL_KEYS)
 
 
 def test_fsdp2_on_one_process_equals_unsharded(runs):

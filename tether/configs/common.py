@@ -134,9 +134,10 @@ class SamplingTrainConfig(EvalConfig, TrainConfig):
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
         if self.sharding == "fsdp2" and self.rollout_dtype in ("bf16", "fp16"):
             raise ValueError(
-                f"rollout_dtype={self.rollout_dtype} samples from a whole copy of the weights, "
-                "which sharding=fsdp2 does not keep on any process: use rollout_dtype=auto or "
-                "train (sampling then runs on the sharded policy)"
+                "rollout_dtype must be auto or train under sharding=fsdp2, got "
+                f"rollout_dtype={self.rollout_dtype}: it samples from a whole copy of the "
+                "weights, which no process holds when they are sharded (auto and train sample "
+                "from the sharded policy)"
             )
         if self.kl_precision == "fp32" and self.dtype == "bfloat16":
             raise ValueError(

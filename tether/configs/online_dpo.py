@@ -41,9 +41,10 @@ class OnlineDPOConfig(SamplingTrainConfig):
         super().__post_init__()
         if self.sharding == "fsdp2" and self.reference == "synced":
             raise ValueError(
-                "reference=synced mixes the whole policy into its own copy every sync_tau steps "
-                "and saves that copy in every checkpoint, which sharding=fsdp2 does not support: "
-                "use reference=copy (sharded like the policy) or adapter (LoRA), or sharding=none"
+                "reference must be copy or adapter under sharding=fsdp2, got reference=synced: "
+                "it mixes the whole policy into its own copy every sync_tau steps and saves that "
+                "copy in every checkpoint (use copy, sharded like the policy, or adapter with "
+                "LoRA; or sharding=none)"
             )
         for name in ("beta", "beta_end", "kl_target", "kl_horizon"):
             if not 0 < getattr(self, name) < math.inf:

@@ -35,10 +35,10 @@ class TRPOConfig(RLConfig):
         super().__post_init__()
         if self.sharding == "fsdp2":
             raise ValueError(
-                "sharding=fsdp2 does not support trpo: its natural-gradient step differentiates "
-                "the KL twice with torch.autograd.grad with respect to the parameters (Fisher-"
-                "vector products), which FSDP2's sharded parameters cannot take part in; use "
-                "sharding=none (DDP: every process holds the whole model), or ppo/grpo"
+                "sharding must be none for trpo, got sharding=fsdp2: its natural-gradient step "
+                "differentiates the KL twice with torch.autograd.grad with respect to the "
+                "parameters (Fisher-vector products), which FSDP2's sharded parameters cannot "
+                "take part in; use DDP (every process holds the whole model), or ppo/grpo"
             )
         if self.kl_in == "loss":
             raise ValueError(
