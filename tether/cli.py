@@ -523,7 +523,7 @@ def _control(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     try:
-        from tether.control import train
+        from tether.control.train import train
 
         final = train(config)
     except (ValueError, ImportError) as exc:

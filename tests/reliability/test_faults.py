@@ -555,7 +555,7 @@ def _nan_value_loss(monkeypatch, bad_calls: set[int] | None):
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
 def test_control_skips_non_finite_updates_and_stops_at_max_bad_steps(algo, tmp_path, monkeypatch):
     pytest.importorskip("gymnasium")
-    from tether.control import ALGORITHMS, train
+    from tether.control.train import ALGORITHMS, train
     from tether.runs.config import load_config
 
     def config(out, **kw):

@@ -704,7 +704,11 @@ class HeldOutEvaluator:
             shard = self._shard(self.offtask)
             exact: list[float] = []
             if shard:
-                for ro in self._generate(model, [ex.prompt_ids for _, ex in shard], autocast):
+                # seeded per off-task prompt (step slot 1; the held-out prompts use 0): the same
+                # samples on any number of processes, whatever the batches
+                seeds = [sample_seed(self.cfg.seed + SEED_OFFSET, 1, i) for i, _ in shard]
+                prompt_ids = [ex.prompt_ids for _, ex in shard]
+                for ro in self._generate(model, prompt_ids, autocast, seeds):
                     sc = score_responses(
                         model,
                         reference,
