@@ -175,13 +175,16 @@ def _fusable_head(head: nn.Module, softcap: float | None, scale: float, entropy:
     )
 
 
+LOGPROBS_METHOD = "tether_forward_logprobs"
+"""The name under which an FSDP2-sharded root carries :func:`forward_logprobs_unsharded` as an
+FSDP forward method (:func:`tether.models.sharding.shard_model`)."""
+
+
 def forward_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
     """Log-probs of ``input_ids[:, 1:]`` under ``model``: :func:`forward_logprobs_unsharded`,
     run through the model's FSDP2 forward method when its parameters are sharded
     (:func:`tether.models.sharding.shard_model`), so they are gathered around the computation
     as around ``forward``. Same arguments and result."""
-    from tether.models.sharding import LOGPROBS_METHOD
-
     sharded_entry = getattr(unwrap_model(model), LOGPROBS_METHOD, None)
     if sharded_entry is not None:
         return sharded_entry(input_ids, attention_mask, _model=model, **kwargs)

@@ -36,9 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-LOGPROBS_METHOD = "tether_forward_logprobs"
-"""The name under which a sharded root carries tether's log-prob computation as an FSDP forward
-method (see :func:`shard_model`)."""
+from tether.models.logprobs import LOGPROBS_METHOD as LOGPROBS_METHOD
 
 SHARDINGS = ("none", "fsdp2")
 """Values of the ``sharding`` option."""
