@@ -64,3 +64,15 @@ def reward_names(specs: Sequence[str]) -> list[str]:
             "needs a distinct name"
         )
     return names
+
+
+def check_sharded_reference(sharding: str, reference: str) -> None:
+    """``sharding=fsdp2`` cannot keep a ``synced`` (TR-DPO) reference: it mixes the whole policy
+    into its own copy and saves that copy in every checkpoint."""
+    if sharding == "fsdp2" and reference == "synced":
+        raise ValueError(
+            "reference must be copy or adapter under sharding=fsdp2, got reference=synced: it "
+            "mixes the whole policy into its own copy every sync_tau steps and saves that copy "
+            "in every checkpoint (use copy, sharded like the policy, or adapter with LoRA; or "
+            "sharding=none)"
+        )

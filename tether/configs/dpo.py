@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from tether.configs.checks import check_sharded_reference
 from tether.configs.common import PreferenceDataConfig
 from tether.configs.eval import EvalConfig
 from tether.configs.literals import DPOLossType
@@ -50,13 +51,7 @@ class DPOConfig(EvalConfig, PreferenceDataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sharding == "fsdp2" and self.reference == "synced":
-            raise ValueError(
-                "reference must be copy or adapter under sharding=fsdp2, got reference=synced: "
-                "it mixes the whole policy into its own copy every sync_tau steps and saves that "
-                "copy in every checkpoint (use copy, sharded like the policy, or adapter with "
-                "LoRA; or sharding=none)"
-            )
+        check_sharded_reference(self.sharding, self.reference)
         if not 0 < self.beta < math.inf:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

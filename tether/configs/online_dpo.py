@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from tether.configs.checks import check_horizon
+from tether.configs.checks import check_horizon, check_sharded_reference
 from tether.configs.common import SamplingTrainConfig
 from tether.configs.literals import DPOLossType
 from tether.runs.config import option
@@ -39,13 +39,7 @@ class OnlineDPOConfig(SamplingTrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sharding == "fsdp2" and self.reference == "synced":
-            raise ValueError(
-                "reference must be copy or adapter under sharding=fsdp2, got reference=synced: "
-                "it mixes the whole policy into its own copy every sync_tau steps and saves that "
-                "copy in every checkpoint (use copy, sharded like the policy, or adapter with "
-                "LoRA; or sharding=none)"
-            )
+        check_sharded_reference(self.sharding, self.reference)
         for name in ("beta", "beta_end", "kl_target", "kl_horizon"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
