@@ -130,6 +130,10 @@ def _argv(algo: str, cfg: dict, out: Path) -> list[str]:
 def _trainers(tiny, prompts, prefs):
     """algo → (config for per-process batch B, B): the 1-process run gets batch 2B."""
     rl = {"reward": REWARD, "learning_rate": 3e-3, "max_steps": 3}
+
+    def dpo(b, **kw):
+        return _prefs_cfg(tiny, prefs, b, learning_rate=3e-3, beta=0.5, eval_generate=False, **kw)
+
     return {
         "grpo": (
             "grpo",
@@ -182,36 +186,11 @@ def _trainers(tiny, prompts, prefs):
             ),
             2,
         ),
-        "dpo": (
-            "dpo",
-            lambda b: _prefs_cfg(tiny, prefs, b, learning_rate=3e-3, beta=0.5, eval_generate=False),
-            4,
-        ),
-        "dpo_precomputed": (
-            "dpo",
-            lambda b: _prefs_cfg(
-                tiny,
-                prefs,
-                b,
-                learning_rate=3e-3,
-                beta=0.5,
-                reference="precomputed",
-                eval_generate=False,
-            ),
-            4,
-        ),
+        "dpo": ("dpo", lambda b: dpo(b), 4),
+        "dpo_precomputed": ("dpo", lambda b: dpo(b, reference="precomputed"), 4),
         "dpo_lora": (
             "dpo",
-            lambda b: _prefs_cfg(
-                tiny,
-                prefs,
-                b,
-                learning_rate=3e-3,
-                beta=0.5,
-                eval_generate=False,
-                peft="{r: 4, lora_alpha: 8}",
-                reference="adapter",
-            ),
+            lambda b: dpo(b, peft="{r: 4, lora_alpha: 8}", reference="adapter"),
             4,
         ),
         "grpo_eval": (
