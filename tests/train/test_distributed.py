@@ -116,11 +116,22 @@ def _prefs_cfg(tiny, prefs, b, **kw):
     return base
 
 
-SHARDED = ("grpo", "ppo", "online_dpo", "dpo", "dpo_lora", "reward", "sft", "grpo_eval")
+SHARDED = (
+    "grpo",
+    "ppo",
+    "online_dpo",
+    "dpo",
+    "dpo_lora",
+    "reward",
+    "sft",
+    "grpo_eval",
+    "grpo_kl_max",
+)
 """The trainers also run with ``sharding=fsdp2`` on 2 processes (``<name>_fsdp2``); TRPO refuses
 it (its Fisher-vector products need double backward through the parameters)."""
-RESUMED = ("grpo", "grpo_fsdp2")
-"""Runs stopped after step 2 (the step-3 checkpoint and final/ removed) and resumed."""
+RESUMED = {"grpo": "grpo", "grpo_fsdp2": "grpo", "dpo_lora_fsdp2": "dpo_lora"}
+"""Runs (→ the trainer config they use) stopped after step 2 (the step-3 checkpoint and final/
+removed) and resumed."""
 
 
 def _argv(algo: str, cfg: dict, out: Path) -> list[str]:
@@ -192,6 +203,15 @@ def _trainers(tiny, prompts, prefs):
             "dpo",
             lambda b: dpo(b, peft="{r: 4, lora_alpha: 8}", reference="adapter"),
             4,
+        ),
+        "grpo_kl_max": (
+            "grpo",
+            # KL after the update 0.36, 0.40, 0.30 from the initial weights: steps 1 and 2 are
+            # rolled back, step 3 is kept (the margins, ≥ 3e-3 nats, dwarf float rounding)
+            lambda b: _sampling(
+                tiny, prompts, b, num_generations=2, kl_max=0.3, warmup_steps=0, **rl
+            ),
+            2,
         ),
         "grpo_eval": (
             "grpo",
@@ -282,16 +302,18 @@ def runs(tmp_path_factory, data):
             multi.append(_argv(algo, dict(cfg(b), sharding="fsdp2"), tmp / "2" / f"{name}_fsdp2"))
     algo, cfg, b = trainers["dpo"]
     single.append(_argv(algo, dict(cfg(2 * b), sharding="fsdp2"), tmp / "1" / "dpo_fsdp2"))
-    # resume: GRPO (adaptive β, warmup + cosine) on 2 processes, plain and sharded, checkpointed
-    # at step 2 with its optimizer state; stopped there and resumed on 1 and on 2 processes
-    algo, cfg, b = trainers["grpo"]
+    # resume: GRPO (adaptive β, warmup + cosine) plain and sharded, and a sharded LoRA DPO, on 2
+    # processes, checkpointed at step 2 with the optimizer state; stopped there and resumed on 1
+    # and on 2 processes
     ckpt = {"save_steps": 2, "save_optimizer": "all", "keep_last": 5}
-    for name in RESUMED:
+    for name, base in RESUMED.items():
+        algo, cfg, b = trainers[base]
         shard = {"sharding": "fsdp2"} if name.endswith("fsdp2") else {}
         multi.append(_argv(algo, dict(cfg(b), **ckpt, **shard), tmp / "src" / name))
     _launch(multi, tmp, "multi", 2)
     again, single_resumes = [], []
-    for name in RESUMED:
+    for name, base in RESUMED.items():
+        algo, cfg, b = trainers[base]
         shard = {"sharding": "fsdp2"} if name.endswith("fsdp2") else {}
         for n, jobs in ((1, single_resumes), (2, again)):
             where = tmp / f"resume-on-{n}" / name
@@ -306,12 +328,17 @@ def _metric_rows(path: Path, key: str) -> list[dict]:
     return [r for r in read_metrics(path) if key in r]
 
 
-def _assert_close_metrics(a: Path, b: Path, keys: list[str], rtol=1e-4, atol=1e-5):
-    """The runs log the same steps, and the same values of ``keys`` and of the learning rate."""
+def _assert_close_metrics(
+    a: Path, b: Path, keys: list[str], rtol=1e-4, atol=1e-5, schedule_moves: bool = True
+):
+    """The runs log the same steps, and the same values of ``keys`` and of the learning rate
+    (a schedule that moves at every step, unless ``schedule_moves`` is off: kl_max roll-backs
+    restore it)."""
     keys = [*keys, "lr"]
     ra, rb = read_metrics(a), read_metrics(b)
     lrs = [r["lr"] for r in ra if "lr" in r]
-    assert len(set(lrs)) >= min(3, len(lrs)), lrs  # a schedule that moves, not a constant
+    if schedule_moves:
+        assert len(set(lrs)) >= min(3, len(lrs)), lrs
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     checked = 0
     for x, y in zip(ra, rb, strict=True):
@@ -421,17 +448,20 @@ def test_lora_two_processes_equal_one(runs):
 
 
 @pytest.mark.parametrize("where", ["resume-on-1", "resume-on-2"])
-@pytest.mark.parametrize("name", RESUMED)
+@pytest.mark.parametrize("name", list(RESUMED))
 def test_two_process_checkpoint_resumes(runs, where, name):
-    """A 2-process run (plain or sharded) stopped after its step-2 checkpoint and resumed on 1
-    (batch 2B) or 2 processes ends as the uninterrupted run: weights, optimizer moments, the LR
-    schedule, β, the data cursor and the RNG all continue. A sharded checkpoint is resharded
-    from 2 processes to 1."""
-    keys = ["score", "kl/k3", "beta", "loss/policy"]
-    _assert_close_metrics(runs / "1" / "grpo", runs / where / name, keys)
-    _assert_same_weights(runs / "1" / "grpo", runs / where / name)
-    resumed = [r["step"] for r in read_metrics(runs / where / name)]
-    assert resumed == [1, 2, 3], resumed  # the steps after the checkpoint were run again
+    """A 2-process run (plain or sharded; a sharded LoRA adapter, its frozen base not in the
+    checkpoint) stopped after its step-2 checkpoint and resumed on 1 (batch 2B) or 2 processes
+    ends as the uninterrupted run: weights, optimizer moments, the LR schedule, β, the data
+    cursor and the RNG all continue. A sharded checkpoint is resharded from 2 processes to 1."""
+    base = RESUMED[name]
+    keys = SHARDED_KEYS[base]
+    _assert_close_metrics(runs / "1" / base, runs / where / name, keys)
+    file = ADAPTER if base == "dpo_lora" else "model.safetensors"
+    _assert_same_weights(runs / "1" / base, runs / where / name, file=file)
+    # the step after the checkpoint was run again, from it
+    assert (runs / where / name / "checkpoints" / "step-000003").is_dir()
+    assert not (runs / where / name / "checkpoints" / "step-000001").exists()
 
 
 # -- sharding=fsdp2 -----------------------------------------------------------------------------
@@ -447,7 +477,19 @@ SHARDED_KEYS = {
     "reward": ["loss", "accuracy", "eval/loss", "eval/accuracy"],
     "sft": ["loss", "nll", "tokens", "eval/nll"],
     "grpo_eval": RL_KEYS + EVAL_KEYS,
+    "grpo_kl_max": RL_KEYS + ["kl/after_update", "kl_max/rolled_back"],
 }
+
+
+def test_kl_max_rolls_back_the_same_updates_everywhere(runs):
+    """``kl_max`` rolls an update back (parameters, AdamW state, LR schedule) on every process
+    together, also with sharded parameters: the same steps as on one process."""
+    one = runs / "1" / "grpo_kl_max"
+    rows = [r for r in read_metrics(one) if "kl_max/rolled_back" in r]
+    assert [r["kl_max/rolled_back"] for r in rows] == [1.0, 1.0, 0.0], rows
+    keys = SHARDED_KEYS["grpo_kl_max"]
+    _assert_close_metrics(one, runs / "2" / "grpo_kl_max", keys, schedule_moves=False)
+    _assert_same_weights(one, runs / "2" / "grpo_kl_max")
 
 
 @pytest.mark.parametrize("name", SHARDED)
@@ -455,7 +497,8 @@ def test_fsdp2_two_processes_equal_one(runs, name):
     """``sharding=fsdp2`` on 2 processes logs what 1 unsharded process logs and ends with the
     same weights (final/ gathered into one model)."""
     one, sharded = runs / "1" / name, runs / "2" / f"{name}_fsdp2"
-    _assert_close_metrics(one, sharded, SHARDED_KEYS[name])
+    moves = name != "grpo_kl_max"
+    _assert_close_metrics(one, sharded, SHARDED_KEYS[name], schedule_moves=moves)
     if name == "reward":
         a = load_file(str(one / "reward_model" / "model.safetensors"))
         b = load_file(str(sharded / "reward_model" / "model.safetensors"))
