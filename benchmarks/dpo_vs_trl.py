@@ -195,6 +195,7 @@ def _tether_config(a: dict, out_dir: str, spec: dict):
         max_length=a["max_length"],
         max_prompt_length=a["max_length"] - 1,
         eval_fraction=0.0,
+        eval_generate=False,  # no held-out pairs to sample from (TRL: eval_strategy="no")
         beta=a["beta"],
         loss_type="sigmoid",
         learning_rate=a["lr"],
@@ -207,6 +208,7 @@ def _tether_config(a: dict, out_dir: str, spec: dict):
 def child_tether(spec: dict, a: dict, t_start: float) -> dict:
     import torch
 
+    import tether.train.common as common_mod
     import tether.train.dpo as dpo_mod
     from tether.reference import PrecomputedReference
     from tether.runs import read_metrics
@@ -225,9 +227,10 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
         optimizer.register_step_post_hook(lambda *_: marks.append(_now()))
         return optimizer
 
-    make_optimizer = dpo_mod.make_optimizer
+    # the trainers build their optimizer in tether.train.common.prepare_training
+    make_optimizer = common_mod.make_optimizer
     dpo_mod.DataCursor = MarkedCursor
-    dpo_mod.make_optimizer = marked_optimizer
+    common_mod.make_optimizer = marked_optimizer
     precompute_s = []
     build = PrecomputedReference.build.__func__
 
@@ -581,6 +584,9 @@ def main() -> None:
     p.add_argument("--with-exact-kl", action="store_true", help="add tether+exactkl row")
     p.add_argument("--skip-check", action="store_true", help="skip the tokenisation check")
     p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument(
+        "--model", help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
     args = p.parse_args()
     if args.steps < 1 or args.batch_size < 1 or args.max_length < 8:
         p.error("need --steps ≥ 1, --batch-size ≥ 1, --max-length ≥ 8")
@@ -588,7 +594,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from tether.models import embedded_model_path
 
-    model_path = str(embedded_model_path(MODEL))
+    model_path = args.model or str(embedded_model_path(MODEL))
     configs = dict(CONFIGS)
     if args.with_exact_kl:
         configs.update(EXACT_KL_CONFIG)

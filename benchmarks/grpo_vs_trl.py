@@ -74,13 +74,13 @@ def _prompts() -> list[str]:
 def child_tether(spec: dict, a: dict, t_start: float) -> dict:
     import torch
 
-    import tether.train.rl as rl_mod
+    import tether.train.common as common_mod
     from tether.runs import read_metrics
     from tether.train.common import resolve_mixed_precision
     from tether.train.grpo import GRPOConfig, train
 
     marks: list[tuple[float, float]] = []
-    make_optimizer = rl_mod.make_optimizer
+    make_optimizer = common_mod.make_optimizer  # called by tether.train.common.prepare_training
 
     def marked_optimizer(*args, **kwargs):
         optimizer = make_optimizer(*args, **kwargs)
@@ -88,7 +88,7 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
         marks.append(_now())  # the loop starts right after setup
         return optimizer
 
-    rl_mod.make_optimizer = marked_optimizer
+    common_mod.make_optimizer = marked_optimizer
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "prompts.jsonl"
         data.write_text("\n".join(json.dumps({"prompt": p}) for p in _prompts()))
@@ -286,6 +286,9 @@ def main() -> None:
         "--configs", help=f"comma-separated rows to run (default: all of {', '.join(CONFIGS)})"
     )
     p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument(
+        "--model", help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
     args = p.parse_args()
     if min(args.steps, args.batch_size, args.max_new_tokens) < 1 or args.num_generations < 2:
         p.error("need --steps, --batch-size, --max-new-tokens ≥ 1 and --num-generations ≥ 2")
@@ -293,7 +296,7 @@ def main() -> None:
     from tether.models import embedded_model_path
 
     a = {
-        "model": str(embedded_model_path(MODEL)),
+        "model": args.model or str(embedded_model_path(MODEL)),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "num_generations": args.num_generations,
