@@ -357,3 +357,22 @@ def test_grpo_without_the_behaviour_forward_equals_with_it(
         assert x["kl/k3"] == pytest.approx(y["kl/k3"], abs=1e-4)
         assert x["score"] == y["score"]
     assert RLOOConfig().needs_behaviour_forward  # its KL is in the reward: needed before update
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_each_step_logs_where_its_time_went(tiny_dir, prompts, tmp_path, precision):
+    """Per step: sampling, reward, reference forward, the fp32 KL forward (only under mixed
+    precision with kl_precision=fp32), exact KL and the update, each ≥ 0 and together within the
+    step's wall-clock."""
+    out = tmp_path / precision
+    kw = dict(max_steps=2, batch_size=4, num_generations=2, mixed_precision=precision)
+    train_group(GRPOConfig(**_base(tiny_dir, prompts, out, **kw)))
+    parts = ("gen_s", "reward_s", "ref_s", "kl_fp32_s", "exact_kl_s", "update_s")
+    for r in _rows(out):
+        assert all(r[k] >= 0 for k in parts), r
+        assert r["kl_s"] == pytest.approx(r["ref_s"] + r["kl_fp32_s"], abs=1e-9)
+        assert sum(r[k] for k in parts) <= r["s_per_step"] + 1e-6, r
+        if precision == "no":  # fp32 training: no separate fp32 forward
+            assert r["kl_fp32_s"] == pytest.approx(0.0, abs=1e-3)
+        else:
+            assert r["kl_fp32_s"] > 0

@@ -311,6 +311,7 @@ def collect(
         ref = reference.logprobs(
             rollout.input_ids, rollout.attention_mask, mask, temperature=cfg.temperature
         ).logprobs[:, p - 1 :]
+    ref_s = time.perf_counter() - t2
     kl_lp = None
     if separate_kl_forward(
         cfg.kl_precision, resolve_mixed_precision(cfg.mixed_precision), device.type
@@ -361,7 +362,11 @@ def collect(
     sums.ratio("finished_fraction", rollout.finished.sum(), float(rollout.finished.numel()))
     sums.total("num_skipped", float(rewards.num_skipped))
     sums.total("_tokens", float(rollout.attention_mask.sum()))
-    for name, seconds in (("gen_s", gen_s), ("reward_s", reward_s), ("kl_s", kl_s)):
+    # seconds of each stage (means over processes): kl_s = ref_s (the reference forward) +
+    # kl_fp32_s (kl_precision=fp32's separate fp32 policy forward under mixed precision)
+    stages = {"gen_s": gen_s, "reward_s": reward_s, "kl_s": kl_s, "ref_s": ref_s}
+    stages["kl_fp32_s"] = kl_s - ref_s
+    for name, seconds in stages.items():
         sums.mean(name, seconds)
     if rollout.logprobs is not None:
         exp.old_logprobs = torch.where(resp, rollout.logprobs.float(), 0.0)
@@ -798,6 +803,7 @@ def train_loop(
             beta = controller.beta
             sums = exp.sums
             exact = None
+            t_exact = time.perf_counter()
             if cfg.exact_kl_samples:
                 exact = exact_kl(
                     model,
@@ -810,8 +816,9 @@ def train_loop(
                 sums.ratio("kl/exact", exact.per_response.sum(), float(exact.rows.numel()))
                 if exact.tokens:
                     sums.ratio("entropy", exact.entropy * exact.tokens, exact.tokens)
-            metrics = {"beta": beta}
+            metrics = {"beta": beta, "exact_kl_s": time.perf_counter() - t_exact}
             rollout_ok = all_finite(acc, exp.scores[exp.valid], exp.kl)
+            t_update = time.perf_counter()
             if rollout_ok:
                 snapshot = (
                     UpdateSnapshot(module, optimizer, scheduler) if cfg.kl_max is not None else None
@@ -821,6 +828,7 @@ def train_loop(
                     metrics.update(kl_ceiling(session, exp, snapshot, step + 1))
             else:
                 guard.skip("a non-finite reward or KL in the rollout")
+            metrics["update_s"] = time.perf_counter() - t_update  # forward/backward/optimizer
             if exp.kl is None and rollout_ok:  # the update supplied the behaviour log-probs
                 kl_sums(exp, cfg.kl_estimator, sums)
             if exact is not None and exact.rows.numel():
@@ -841,7 +849,7 @@ def train_loop(
                 metrics.update(memory_metrics(dist, module, optimizer))
             step += 1
             metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["s_per_step"] = time.perf_counter() - t0
+            metrics["s_per_step"] = time.perf_counter() - t0  # the step, before eval/checkpoint
             metrics["tokens_per_s"] = reduced["_tokens"] / metrics["s_per_step"]
             evaluated = evaluator is not None and (evaluator.due(step) or step == cfg.max_steps)
             if evaluated:
