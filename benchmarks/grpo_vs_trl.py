@@ -43,6 +43,8 @@ from dpo_vs_trl import _now, _peak_rss_mib, _step_times
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "movie_review_prompts.jsonl"
 MODEL = "smollm2-135m-instruct"
+STAGES = ("gen_s", "reward_s", "ref_s", "kl_fp32_s", "exact_kl_s", "update_s", "s_per_step")
+"""The per-stage seconds tether's RL loop logs (``tether.train.rl``), printed per tether row."""
 
 CONFIGS: dict[str, dict] = {
     "tether": {"lib": "tether", "mixed_precision": "auto"},
@@ -128,6 +130,12 @@ def child_tether(spec: dict, a: dict, t_start: float) -> dict:
         "mean_score": statistics.mean(r["score"] for r in rows),
         "setup_s": marks[0][0] - t_start,
         "train_call_s": train_s,
+        # where a step's time went: the run's own per-stage seconds, median over the steps
+        "breakdown_s": {
+            stage: statistics.median(r[stage] for r in rows)
+            for stage in STAGES
+            if all(stage in r for r in rows)
+        },
     }
 
 
@@ -344,6 +352,10 @@ def main() -> None:
     for name, r in results.items():
         if "settings" in r:
             print(f"  {name}: {json.dumps(r['settings'])}")
+    for name, r in results.items():
+        if r.get("breakdown_s"):
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items())
+            print(f"  {name} step breakdown, s (median): {parts}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}))
     print(f"tether/TRL, matched fp32 ({' vs '.join(MATCHED)}): {pair_line(results, *MATCHED)}")

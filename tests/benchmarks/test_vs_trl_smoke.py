@@ -34,3 +34,5 @@ def test_the_tether_rows_run(tmp_path, tiny_dir, script):
     for name, row in results.items():
         assert "error" not in row, (name, row, proc.stdout[-3000:])
         assert row["s_per_step"] > 0 and len(row["step_s"]) >= 1, (name, row)
+        if script == "grpo_vs_trl.py":  # the step's time, by stage, from the run's metrics
+            assert {"gen_s", "update_s", "ref_s"} <= set(row["breakdown_s"]), row
