@@ -123,6 +123,28 @@ def main(root: str) -> int:
     except NumericalError as exc:
         assert "non-finite" in str(exc), exc
     assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
+
+    # final/: the whole weights are gathered first (every process), the main process writes;
+    # saving a sharded model without gathering is an error, not a file of shards
+    from tether.models import tiny_tokenizer
+    from tether.models.sharding import ModelSaver, collect_for_save
+
+    model2, _ = _setup()
+    saver = ModelSaver(model2, tiny_tokenizer(), after=lambda path: None)
+    try:
+        saver(run / "ungathered")
+        raise AssertionError("an ungathered sharded model was saved")
+    except ValueError as exc:
+        assert "collect()" in str(exc), exc
+    collect_for_save(saver)
+    if dist.get_rank() == 0:
+        saver(run / "whole")
+        from transformers import AutoModelForCausalLM
+
+        whole = AutoModelForCausalLM.from_pretrained(run / "whole").state_dict()
+        expected = tiny_causal_lm(seed=0).model.state_dict()
+        for key, value in expected.items():
+            assert torch.equal(whole[key], value), key
     dist.barrier()
     return 0
 

@@ -239,6 +239,11 @@ class ModelSaver:
             self.model.save_pretrained(path, state_dict=self._state)
             fix_saved_architecture(Path(path), self.model)
             self._state = None
+        elif is_sharded(self.model):
+            raise ValueError(
+                "a sharded model is saved from its gathered weights: call collect() on every "
+                "process first (tether.models.sharding.collect_for_save)"
+            )
         else:
             self.model.save_pretrained(path)
         self.after(Path(path))

@@ -631,7 +631,11 @@ def link_identical_weights(directory: str | os.PathLike[str], checkpoint: Path |
         return []
     try:
         manifest = json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
-        sources = [checkpoint / entry["file"] for entry in manifest["models"].values()]
+        sources = [
+            checkpoint / entry["file"]
+            for entry in manifest["models"].values()
+            if not entry.get("sharded")  # a DCP directory of shards: never the same file
+        ]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     linked = []

@@ -65,6 +65,7 @@ from tether.models.numerics import (
 from tether.models.rollout import RolloutWeights, params_sharded, rollout_weights
 from tether.reference import ReferencePolicy, make_reference
 from tether.rewards import RewardFn, call_reward, make_reward
+from tether.runs.config import ConfigError
 from tether.runs.progress import Progress
 from tether.train.common import (
     DataCursor,
@@ -77,6 +78,7 @@ from tether.train.common import (
     save_policy_to,
     split_heldout_prompts,
     start_run,
+    uses_fsdp2,
 )
 from tether.train.distributed import Dist, MetricSums, check_same, memory_metrics
 from tether.train.guards import KLWatch, StepGuard, UpdateSnapshot, all_finite
@@ -703,6 +705,12 @@ def train_loop(
     """
     states = dict(states or {})
     acc = make_accelerator(cfg)
+    if optimize == "value_head" and uses_fsdp2(cfg, acc):
+        # (sharding=fsdp2 is refused by TRPO's config; an accelerate FSDP2 launch lands here)
+        raise ConfigError(
+            "an accelerate FSDP2 launch shards the parameters, which TRPO's natural-gradient "
+            "step (double backward through the parameters) cannot use: launch with DDP"
+        )
     run = start_run(cfg, acc)
     reward_fn = make_reward_fn(cfg)
     policy = load_trainable_policy(cfg)
